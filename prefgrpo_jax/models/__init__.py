@@ -1,0 +1,1 @@
+"""Flax NNX models: FLUX transformer, autoencoder, text encoders, reward models."""
