@@ -1,0 +1,487 @@
+"""Pairwise VLM judge client (OpenAI-compatible chat completions, e.g. vLLM).
+
+The Pref-GRPO reward is a win rate computed from pairwise comparisons made by
+a vision-language judge (UnifiedReward-Think in the reference). This module
+sends every unordered image pair of a group to such a judge over HTTP and
+assembles the answers into a preference matrix::
+
+    judge = VLMJudge("http://127.0.0.1:8080", "CodeGoat24/UnifiedReward-Think-qwen-7b")
+    P = judge.preference_matrix(prompts, images)   # images: [N, G, H, W, 3] in [0, 1]
+    win_rate = (P.sum(-1) - 0.5) / (G - 1)          # diagonal is 0.5
+
+``P[n, i, j]`` is the probability that image ``i`` beats image ``j`` for prompt
+``n``: 1 / 0 for a clear verdict, 0.5 for a tie (an unparseable answer or a
+request that failed after its retries). ``P + P^T = 1`` off the diagonal.
+
+Differences from the reference client, all opt-in or purely defensive:
+
+* ``debias=True`` judges each pair in both orders and averages, cancelling the
+  judge's position bias (at twice the calls).
+* bounded concurrency, per-request timeouts, retries with exponential backoff
+  on connection errors / timeouts / HTTP 429 / 5xx, and counters
+  (:class:`JudgeStats`) so that failures are visible instead of silent.
+* if *every* request of a call fails, :class:`JudgeUnavailableError` is raised:
+  an unreachable judge must not silently turn into all-0.5 rewards.
+
+Only the standard library, numpy and pillow are used.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_PAIRWISE_PROMPT",
+    "JudgeStats",
+    "JudgeUnavailableError",
+    "VLMJudge",
+    "encode_png_data_url",
+    "parse_preference",
+]
+
+logger = logging.getLogger("prefgrpo_jax.judge")
+
+# Pairwise prompt, written after the description of the reference prompt:
+# three dimensions scored 1-10 per image, reasoning in <think>, verdict in
+# <answer>, caption last. ``{prompt}`` is replaced by the text prompt (plain
+# string replacement, so braces inside prompts are harmless).
+DEFAULT_PAIRWISE_PROMPT = (
+    "You are shown two images, Image 1 and Image 2, that were generated from "
+    "the same text caption. Decide which of the two is better.\n"
+    "Judge both images on three dimensions and give each image a score from "
+    "1 to 10 on every dimension:\n"
+    "1. Semantic consistency: how faithfully the image depicts the caption - "
+    "the objects, their counts, attributes, actions, spatial relations and any "
+    "text the caption asks for.\n"
+    "2. Aesthetics: composition, lighting, colour harmony and overall visual "
+    "appeal.\n"
+    "3. Authenticity: how realistic and artifact-free the image is - natural "
+    "anatomy and textures, no distortions, no garbled details.\n"
+    "Put your reasoning, including the per-dimension scores of both images and "
+    "their totals, inside <think> and </think>. Then give your verdict inside "
+    "<answer> and </answer>; the verdict must be exactly one of these two "
+    "sentences: Image 1 is better / Image 2 is better\n"
+    "Required format: <think>your reasoning</think><answer>Image 1 is better"
+    "</answer> (or Image 2 is better inside the answer tags).\n"
+    "Text Caption: [{prompt}]"
+)
+
+_PROMPT_FIELD = "{prompt}"
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.IGNORECASE | re.DOTALL)
+_IMG1_RE = re.compile(r"\bimage\s*1\s+is\s+better\b", re.IGNORECASE)
+_IMG2_RE = re.compile(r"\bimage\s*2\s+is\s+better\b", re.IGNORECASE)
+
+_BEARER_RE = re.compile(r"Bearer\s+\S+", re.IGNORECASE)
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+_MAX_RETRY_AFTER_S = 30.0
+
+
+class JudgeUnavailableError(RuntimeError):
+    """Every request of a ``preference_matrix`` call failed."""
+
+
+@dataclasses.dataclass
+class JudgeStats:
+    """Cumulative counters of a :class:`VLMJudge` (reset with ``reset_stats``).
+
+    requests:    judgments issued (one per pair and order; retries not counted)
+    failed:      judgments with no usable HTTP response after all retries
+    unparseable: judgments whose reply held neither or both verdicts
+    ties:        judgments scored 0.5 (= failed + unparseable)
+    retried:     extra HTTP attempts made because of retriable errors
+    calls:       ``preference_matrix`` calls
+    wall_s:      total wall-clock seconds spent in ``preference_matrix``
+    """
+
+    requests: int = 0
+    failed: int = 0
+    unparseable: int = 0
+    ties: int = 0
+    retried: int = 0
+    calls: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_preference(text: Optional[str]) -> Optional[float]:
+    """Score of Image 1 from a judge reply: 1.0, 0.0, or None (unparseable).
+
+    The verdict is read from the last ``<answer>...</answer>`` block (a closing
+    tag cut off at the end of the reply is tolerated); whitespace, case and
+    trailing punctuation do not matter. Both or neither verdict -> None.
+    """
+    if not isinstance(text, str):
+        return None
+    blocks = _ANSWER_RE.findall(text)
+    if not blocks:
+        return None
+    answer = blocks[-1]
+    one = _IMG1_RE.search(answer) is not None
+    two = _IMG2_RE.search(answer) is not None
+    if one == two:
+        return None
+    return 1.0 if one else 0.0
+
+
+def encode_png_data_url(image: np.ndarray) -> str:
+    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/png;base64,...``."""
+    u8 = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, retriable: bool, retry_after: Optional[float] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retriable = retriable
+        self.retry_after = retry_after
+
+
+class VLMJudge:
+    """Client for a pairwise VLM judge behind an OpenAI-compatible server.
+
+    Args:
+      base_url: server root, e.g. ``http://127.0.0.1:8080``; requests go to
+        ``{base_url}/v1/chat/completions``.
+      model: model name as served.
+      api_key_env: name of an environment variable holding the API key, read
+        once here and sent as ``Authorization: Bearer ...``; None sends none.
+      max_concurrency: most requests in flight at once.
+      timeout_s: per-request socket timeout (connect and each read).
+      retries: extra attempts after a connection error, a timeout, HTTP 429 or
+        5xx; other 4xx errors are not retried.
+      backoff_s: sleep before retry k (k = 0, 1, ...) is ``backoff_s * 2**k``
+        (or a server's Retry-After, at most 30 s, if larger).
+      debias: also judge every pair with the images swapped and average.
+      max_tokens, temperature: sampling settings sent with each request.
+      prompt_template: overrides :data:`DEFAULT_PAIRWISE_PROMPT`; must contain
+        ``{prompt}``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: Optional[str] = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 60.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        debias: bool = False,
+        max_tokens: int = 2048,
+        temperature: float = 0.0,
+        prompt_template: str = DEFAULT_PAIRWISE_PROMPT,
+    ):
+        if not isinstance(base_url, str) or not base_url.strip():
+            raise ValueError("base_url must be a non-empty string such as 'http://127.0.0.1:8080'")
+        base_url = base_url.strip().rstrip("/")
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"base_url must be an http(s) server root, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError("model must be a non-empty string")
+        if int(max_concurrency) < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if not float(timeout_s) > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if int(retries) < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if not float(backoff_s) >= 0:
+            raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
+        if int(max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not isinstance(prompt_template, str) or _PROMPT_FIELD not in prompt_template:
+            raise ValueError("prompt_template must be a string containing '{prompt}'")
+
+        self.base_url = base_url
+        self.url = base_url + "/v1/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_concurrency = int(max_concurrency)
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.backoff_s = float(backoff_s)
+        self.debias = bool(debias)
+        self.max_tokens = int(max_tokens)
+        self.temperature = float(temperature)
+        self.prompt_template = prompt_template
+
+        self._api_key: Optional[str] = None
+        if api_key_env is not None:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(
+                    f"api_key_env={api_key_env!r} names an environment variable that is unset or empty"
+                )
+            self._api_key = key
+
+        handlers = []
+        if (parsed.hostname or "") in _LOOPBACK_HOSTS:
+            handlers.append(urllib.request.ProxyHandler({}))  # never proxy a local judge
+        self._opener = urllib.request.build_opener(*handlers)
+
+        self._stats = JudgeStats()
+        self._lock = threading.Lock()
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ misc
+    def __repr__(self) -> str:
+        return (
+            f"VLMJudge(base_url={self.base_url!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, "
+            f"timeout_s={self.timeout_s}, retries={self.retries}, backoff_s={self.backoff_s}, "
+            f"debias={self.debias}, max_tokens={self.max_tokens}, temperature={self.temperature})"
+        )
+
+    @property
+    def stats(self) -> JudgeStats:
+        """A snapshot copy of the cumulative counters."""
+        with self._lock:
+            return dataclasses.replace(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = JudgeStats()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> "VLMJudge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise RuntimeError("VLMJudge is closed")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.max_concurrency, thread_name_prefix="vlm-judge"
+            )
+        return self._executor
+
+    def _redact(self, s: str) -> str:
+        """Remove the API key (and any bearer token) from text that may be logged."""
+        if self._api_key:
+            s = s.replace(self._api_key, "***")
+        return _BEARER_RE.sub("Bearer ***", s)
+
+    def _bump(self, **kw) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self._stats, k, getattr(self._stats, k) + v)
+
+    # ------------------------------------------------------------ validation
+    @staticmethod
+    def _validate(prompts: Sequence[str], images) -> np.ndarray:
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of strings, one per image group")
+        if not all(isinstance(p, str) for p in prompts):
+            raise ValueError("every prompt must be a str")
+        arr = np.asarray(images)
+        if arr.ndim != 5 or arr.shape[-1] != 3:
+            raise ValueError(f"images must have shape [N, G, H, W, 3], got {arr.shape}")
+        n, g, h, w, _ = arr.shape
+        if n != len(prompts):
+            raise ValueError(f"images hold {n} groups but {len(prompts)} prompts were given")
+        if g < 2:
+            raise ValueError(f"need at least 2 images per group to compare, got G={g}")
+        if h < 1 or w < 1:
+            raise ValueError(f"images must be non-empty, got H={h}, W={w}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"images must be floating point in [0, 1], got dtype {arr.dtype}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("images contain NaN or inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"images must lie in [0, 1], got range [{lo}, {hi}]")
+        return arr
+
+    # ---------------------------------------------------------------- HTTP
+    def _payload(self, prompt: str, url1: str, url2: str) -> bytes:
+        text = self.prompt_template.replace(_PROMPT_FIELD, prompt)
+        body = {
+            "model": self.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url1}},
+                        {"type": "image_url", "image_url": {"url": url2}},
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        return json.dumps(body).encode("utf-8")
+
+    def _post_once(self, data: bytes) -> str:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            code = e.code
+            try:
+                detail = e.read(4096).decode("utf-8", "replace")
+            except Exception:  # noqa: BLE001 - best-effort detail only
+                detail = ""
+            finally:
+                e.close()
+            retry_after = None
+            if code == 429:
+                try:
+                    retry_after = float(e.headers.get("Retry-After", ""))
+                except (TypeError, ValueError, AttributeError):
+                    retry_after = None
+            detail = " ".join(self._redact(detail).split())[:200]  # redact, then truncate
+            reason = f"HTTP {code}" + (f": {detail}" if detail else "")
+            raise _Failure(reason, retriable=(code == 429 or code >= 500), retry_after=retry_after)
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise _Failure(f"timed out connecting (timeout_s={self.timeout_s:g})", retriable=True)
+            raise _Failure(f"connection error: {e.reason}", retriable=True)
+        except TimeoutError as e:  # socket.timeout is TimeoutError since 3.10
+            raise _Failure(f"timed out (timeout_s={self.timeout_s:g}): {e}", retriable=True)
+        except (OSError, http.client.HTTPException) as e:  # resets, refusals, bad status lines
+            raise _Failure(f"{type(e).__name__}: {e}", retriable=True)
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            content = obj["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            head = self._redact(raw[:4096].decode("utf-8", "replace"))[:120]
+            raise _Failure(f"malformed response body ({type(e).__name__}): {head!r}",
+                           retriable=False)
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(
+                p.get("text", "") for p in content if isinstance(p, dict)
+            )
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise _Failure(f"malformed message content of type {type(content).__name__}",
+                           retriable=False)
+        return content
+
+    def _request(self, data: bytes, where: str) -> tuple[Optional[str], Optional[str]]:
+        """(reply text, None), or (None, reason) after a failure (counted and logged)."""
+        attempt = 0
+        while True:
+            try:
+                return self._post_once(data), None
+            except _Failure as f:
+                if f.retriable and attempt < self.retries:
+                    delay = self.backoff_s * (2.0 ** attempt)
+                    if f.retry_after is not None and f.retry_after > delay:
+                        delay = min(f.retry_after, _MAX_RETRY_AFTER_S)
+                    logger.debug("judge %s: %s; retry %d/%d in %.2fs", where,
+                                 self._redact(f.reason), attempt + 1, self.retries, delay)
+                    self._bump(retried=1)
+                    attempt += 1
+                    if delay > 0:
+                        time.sleep(delay)
+                    continue
+                self._bump(failed=1, ties=1)
+                tries = attempt + 1
+                logger.warning("judge request failed (%s, %d attempt%s) at %s: %s -> tie",
+                               where, tries, "" if tries == 1 else "s", self.url,
+                               self._redact(f.reason))
+                return None, self._redact(f.reason)
+
+    def _judge(self, prompt: str, url1: str, url2: str, where: str) -> tuple[float, Optional[str]]:
+        """(score of Image 1 in {0, .5, 1}, failure reason or None)."""
+        self._bump(requests=1)
+        text, error = self._request(self._payload(prompt, url1, url2), where)
+        if text is None:
+            return 0.5, error
+        score = parse_preference(text)
+        if score is None:
+            self._bump(unparseable=1, ties=1)
+            snippet = " ".join(self._redact(text).split())[-160:]  # redact, then truncate
+            logger.warning("judge answer unparseable (%s): ...%r -> tie", where, snippet)
+            return 0.5, None
+        return score, None
+
+    # ----------------------------------------------------------------- API
+    def preference_matrix(self, prompts: Sequence[str], images) -> np.ndarray:
+        """``[N, G, G]`` float32 matrix of P(image i beats image j | prompt n)."""
+        arr = self._validate(prompts, images)
+        n, g = arr.shape[:2]
+        t0 = time.perf_counter()
+        pool = self._pool()
+
+        flat = arr.reshape((n * g,) + arr.shape[2:])
+        urls = list(pool.map(encode_png_data_url, flat))
+
+        jobs = []  # (n, i, j, swapped)
+        for b in range(n):
+            for i in range(g):
+                for j in range(i + 1, g):
+                    jobs.append((b, i, j, False))
+                    if self.debias:
+                        jobs.append((b, i, j, True))
+
+        def run(job):
+            b, i, j, swapped = job
+            u_i, u_j = urls[b * g + i], urls[b * g + j]
+            if swapped:
+                s, error = self._judge(prompts[b], u_j, u_i, f"group {b}, pair ({j},{i})")
+                return 1.0 - s, error  # score of image i
+            return self._judge(prompts[b], u_i, u_j, f"group {b}, pair ({i},{j})")
+
+        try:
+            results = list(pool.map(run, jobs))
+        finally:
+            self._bump(calls=1, wall_s=time.perf_counter() - t0)
+
+        if all(error is not None for _, error in results):
+            last = results[-1][1]
+            raise JudgeUnavailableError(
+                f"all {len(results)} judge requests to {self.url} failed "
+                f"(model {self.model!r}); last error: {last}"
+            )
+
+        acc = np.zeros((n, g, g), dtype=np.float64)
+        cnt = np.zeros((n, g, g), dtype=np.float64)
+        for (b, i, j, _), (s, _) in zip(jobs, results):
+            acc[b, i, j] += s
+            cnt[b, i, j] += 1.0
+        P = np.full((n, g, g), 0.5, dtype=np.float64)
+        iu, ju = np.triu_indices(g, k=1)
+        upper = acc[:, iu, ju] / cnt[:, iu, ju]
+        P[:, iu, ju] = upper
+        P[:, ju, iu] = 1.0 - upper
+        return P.astype(np.float32)
