@@ -1,0 +1,751 @@
+"""FLUX.1 transformer (MM-DiT rectified-flow velocity model) in Flax NNX.
+
+Follows the original Black Forest Labs implementation (``flux/model.py``,
+``flux/modules/layers.py``); attribute names are BFL's, so BFL single-file
+checkpoints map onto the NNX state almost by identity, and diffusers
+``FluxTransformer2DModel`` checkpoints through :func:`map_diffusers`.
+
+The 19 double-stream and 38 single-stream blocks are each one module whose
+parameters carry a leading layer axis (created with ``nnx.vmap``) and are
+applied with ``nnx.scan``, so compile time does not grow with depth;
+``remat=True`` recomputes each block's activations in the backward pass.
+
+Call convention (BFL)::
+
+    v = model(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+
+with ``img [B, L, C_in]`` packed latents, ``img_ids [B, L, 3]`` and
+``txt_ids [B, T, 3]`` RoPE positions, ``txt [B, T, D_ctx]`` T5 states,
+``timesteps [B]`` in [0, 1] (sigma; embedded as ``t * 1000``), ``y [B, D_pool]``
+pooled CLIP, ``guidance [B]`` a raw scale such as 3.5 (embedded as
+``g * 1000``). Returns the velocity ``[B, L, C_out]`` in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prefgrpo_jax.convert import (
+    SourceTensors,
+    TensorMap,
+    linear_kernel,
+    load_model,
+    put,
+    put_stacked,
+    read_safetensors,
+    stack_layers,
+)
+
+__all__ = [
+    "FluxConfig",
+    "FluxTransformer",
+    "timestep_embedding",
+    "rope_frequencies",
+    "apply_rope",
+    "map_diffusers",
+    "map_bfl",
+    "load_diffusers",
+    "load_bfl",
+]
+
+# ---------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FluxConfig:
+    """Hyper-parameters of a FLUX transformer (BFL ``FluxParams``).
+
+    Attributes:
+      in_channels: channels of a packed latent token (16 latent channels x 2x2).
+      out_channels: channels of the predicted velocity token.
+      hidden_size: model width; ``num_heads * head_dim``.
+      num_heads: attention heads.
+      depth: double-stream (MM-DiT) blocks.
+      depth_single: single-stream blocks.
+      axes_dim: RoPE dimensions per position axis; sums to ``head_dim``.
+      context_dim: width of the text-encoder (T5) states.
+      vec_dim: width of the pooled (CLIP) text vector.
+      guidance_embed: whether the model embeds a guidance scale (FLUX.1-dev).
+      theta: RoPE base.
+      mlp_ratio: MLP hidden width / hidden_size.
+      qkv_bias: bias on the double-stream qkv projections.
+    """
+
+    in_channels: int
+    out_channels: int
+    hidden_size: int
+    num_heads: int
+    depth: int
+    depth_single: int
+    axes_dim: tuple[int, ...]
+    context_dim: int
+    vec_dim: int
+    guidance_embed: bool
+    theta: int = 10_000
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        for name in ("in_channels", "out_channels", "hidden_size", "num_heads",
+                     "depth", "depth_single", "context_dim", "vec_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"FluxConfig.{name} must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"FluxConfig: num_heads ({self.num_heads}) x head_dim must equal hidden_size "
+                f"({self.hidden_size}), but {self.hidden_size} is not divisible by "
+                f"{self.num_heads}."
+            )
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(
+                f"FluxConfig: sum(axes_dim) = sum({self.axes_dim}) = {sum(self.axes_dim)} must "
+                f"equal head_dim = hidden_size / num_heads = {self.head_dim}."
+            )
+        if any(a <= 0 or a % 2 for a in self.axes_dim):
+            raise ValueError(
+                f"FluxConfig: every entry of axes_dim must be a positive even number (RoPE "
+                f"rotates pairs), got {self.axes_dim}."
+            )
+        if self.mlp_hidden_dim < 1:
+            raise ValueError(f"FluxConfig.mlp_ratio too small: {self.mlp_ratio}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    # -- constructors ------------------------------------------------------
+
+    @classmethod
+    def flux_dev(cls) -> FluxConfig:
+        """FLUX.1-dev (12B, guidance-distilled)."""
+        return cls(
+            in_channels=64, out_channels=64, hidden_size=3072, num_heads=24, depth=19,
+            depth_single=38, axes_dim=(16, 56, 56), context_dim=4096, vec_dim=768,
+            guidance_embed=True,
+        )
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> FluxConfig:
+        """A few-hundred-kilobyte model for CPU tests; keyword overrides allowed."""
+        base = cls(
+            in_channels=64, out_channels=64, hidden_size=64, num_heads=2, depth=2,
+            depth_single=2, axes_dim=(8, 12, 12), context_dim=32, vec_dim=16,
+            guidance_embed=True,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    # Keys of diffusers' FluxTransformer2DModel config.json and their defaults.
+    _DIFFUSERS_DEFAULTS = {
+        "patch_size": 1,
+        "in_channels": 64,
+        "out_channels": None,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": False,
+        "axes_dims_rope": (16, 56, 56),
+    }
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> FluxConfig:
+        """From a diffusers ``FluxTransformer2DModel`` ``config.json`` dict."""
+        unknown = sorted(k for k in config if not k.startswith("_")
+                         and k not in cls._DIFFUSERS_DEFAULTS)
+        if unknown:
+            warnings.warn(f"FluxConfig.from_diffusers ignores unknown keys {unknown}.",
+                          stacklevel=2)
+        c = {**cls._DIFFUSERS_DEFAULTS,
+             **{k: v for k, v in config.items() if k in cls._DIFFUSERS_DEFAULTS}}
+        if c["patch_size"] != 1:
+            raise ValueError(
+                f"FluxConfig.from_diffusers: patch_size must be 1 (latents are packed 2x2 "
+                f"outside the transformer), got {c['patch_size']}."
+            )
+        heads, head_dim = int(c["num_attention_heads"]), int(c["attention_head_dim"])
+        return cls(
+            in_channels=int(c["in_channels"]),
+            out_channels=int(c["out_channels"] or c["in_channels"]),
+            hidden_size=heads * head_dim,
+            num_heads=heads,
+            depth=int(c["num_layers"]),
+            depth_single=int(c["num_single_layers"]),
+            axes_dim=tuple(c["axes_dims_rope"]),
+            context_dim=int(c["joint_attention_dim"]),
+            vec_dim=int(c["pooled_projection_dim"]),
+            guidance_embed=bool(c["guidance_embeds"]),
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The equivalent diffusers ``FluxTransformer2DModel`` config (for tests/export)."""
+        if self.mlp_ratio != 4.0 or not self.qkv_bias or self.theta != 10_000:
+            raise ValueError("diffusers' FluxTransformer2DModel fixes mlp_ratio=4, "
+                             "qkv_bias=True and theta=10000.")
+        return {
+            "patch_size": 1, "in_channels": self.in_channels,
+            "out_channels": self.out_channels, "num_layers": self.depth,
+            "num_single_layers": self.depth_single, "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.num_heads, "joint_attention_dim": self.context_dim,
+            "pooled_projection_dim": self.vec_dim, "guidance_embeds": self.guidance_embed,
+            "axes_dims_rope": list(self.axes_dim),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Functional pieces.
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10_000.0,
+                       time_factor: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding of ``t * time_factor``: ``[cos(args), sin(args)]`` (fp32).
+
+    Matches BFL ``timestep_embedding`` and diffusers ``Timesteps(flip_sin_to_cos=True,
+    downscale_freq_shift=0)`` applied to ``t * 1000``.
+    """
+    t = time_factor * jnp.asarray(t, jnp.float32)
+    half = dim // 2
+    # fp32 like BFL/diffusers: at t*1000 ~ 1e3 rad, fp32 phase resolution is ~6e-5 anyway.
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def rope_frequencies(ids: jax.Array, axes_dim: tuple[int, ...], theta: float) -> tuple[jax.Array, jax.Array]:
+    """RoPE (cos, sin) for positions ``ids [B, L, n_axes]``; each ``[B, L, head_dim/2]``.
+
+    Axis ``i`` gets ``axes_dim[i]/2`` frequencies ``theta ** (-2k / axes_dim[i])``
+    (BFL ``EmbedND``); the frequencies are constants computed in float64.
+    """
+    if ids.shape[-1] != len(axes_dim):
+        raise ValueError(f"ids have {ids.shape[-1]} position axes, config has "
+                         f"axes_dim={axes_dim}.")
+    pos = jnp.asarray(ids, jnp.float32)
+    angles = []
+    for i, d in enumerate(axes_dim):
+        omega = 1.0 / (float(theta) ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        angles.append(pos[..., i:i + 1] * jnp.asarray(omega, jnp.float32))
+    ang = jnp.concatenate(angles, axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates consecutive pairs of ``x [B, L, H, D]`` by ``pe`` (cos, sin ``[B, L, D/2]``).
+
+    ``(x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1)``, computed in fp32.
+    """
+    cos, sin = (p[:, :, None, :] for p in pe)
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = jnp.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, computed in fp32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array,
+               pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Joint attention with RoPE; ``q, k, v [B, L, H, D]`` -> ``[B, L, H*D]``."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+# ---------------------------------------------------------------------------
+# Modules (names follow BFL so its checkpoints map by identity).
+
+
+def _linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, param_dtype,
+            use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+
+
+class MLPEmbedder(nnx.Module):
+    """``out_layer(silu(in_layer(x)))``."""
+
+    def __init__(self, din: int, dhidden: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.in_layer = _linear(din, dhidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.out_layer = _linear(dhidden, dhidden, rngs=rngs, dtype=dtype,
+                                 param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out_layer(nnx.silu(self.in_layer(x)))
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis (eps 1e-6), fp32 statistics, learned ``scale``."""
+
+    def __init__(self, dim: int, *, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        rrms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + 1e-6)
+        return (xf * rrms * self.scale.get_value().astype(jnp.float32)).astype(x.dtype)
+
+
+class QKNorm(nnx.Module):
+    def __init__(self, dim: int, *, param_dtype):
+        self.query_norm = RMSNorm(dim, param_dtype=param_dtype)
+        self.key_norm = RMSNorm(dim, param_dtype=param_dtype)
+
+    def __call__(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.query_norm(q), self.key_norm(k)
+
+
+class SelfAttention(nnx.Module):
+    """qkv projection + per-head QK RMSNorm + output projection (attention is joint)."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        h = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.qkv = _linear(h, 3 * h, use_bias=cfg.qkv_bias, rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)
+        self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.proj = _linear(h, h, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [B, L, hidden]`` -> normed q, k and v, each ``[B, L, H, D]``."""
+        qkv = self.qkv(x)
+        q, k, v = (a.reshape(*a.shape[:2], self.num_heads, -1)
+                   for a in jnp.split(qkv, 3, axis=-1))
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+class Modulation(nnx.Module):
+    """``lin(silu(vec))`` split into (shift, scale, gate) x (1 or 2)."""
+
+    def __init__(self, dim: int, double: bool, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.multiplier = 6 if double else 3
+        self.lin = _linear(dim, self.multiplier * dim, rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)
+
+    def __call__(self, vec: jax.Array) -> list[jax.Array]:
+        out = self.lin(nnx.silu(vec))[:, None, :]
+        return jnp.split(out, self.multiplier, axis=-1)
+
+
+def _mlp(cfg: FluxConfig, *, rngs, dtype, param_dtype) -> nnx.List:
+    # BFL: nn.Sequential(Linear, GELU(tanh), Linear) -> params at .0 and .2
+    return nnx.List([
+        _linear(cfg.hidden_size, cfg.mlp_hidden_dim, rngs=rngs, dtype=dtype,
+                param_dtype=param_dtype),
+        None,
+        _linear(cfg.mlp_hidden_dim, cfg.hidden_size, rngs=rngs, dtype=dtype,
+                param_dtype=param_dtype),
+    ])
+
+
+def _apply_mlp(mlp: nnx.List, x: jax.Array) -> jax.Array:
+    return mlp[2](nnx.gelu(mlp[0](x), approximate=True))
+
+
+class DoubleStreamBlock(nnx.Module):
+    """MM-DiT block: separate img/txt weights, joint attention over [txt, img]."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        h = cfg.hidden_size
+        self.img_mod = Modulation(h, double=True, **kw)
+        self.img_attn = SelfAttention(cfg, **kw)
+        self.img_mlp = _mlp(cfg, **kw)
+        self.txt_mod = Modulation(h, double=True, **kw)
+        self.txt_attn = SelfAttention(cfg, **kw)
+        self.txt_mlp = _mlp(cfg, **kw)
+
+    def __call__(self, img: jax.Array, txt: jax.Array, vec: jax.Array,
+                 pe: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(
+            (1 + i_scale1) * _layer_norm(img) + i_shift1)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
+            (1 + t_scale1) * _layer_norm(txt) + t_shift1)
+
+        q = jnp.concatenate([txt_q, img_q], axis=1)
+        k = jnp.concatenate([txt_k, img_k], axis=1)
+        v = jnp.concatenate([txt_v, img_v], axis=1)
+        attn = _attention(q, k, v, pe)
+        n_txt = txt.shape[1]
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+        img = img + i_gate1 * self.img_attn.proj(img_attn)
+        img = img + i_gate2 * _apply_mlp(self.img_mlp, (1 + i_scale2) * _layer_norm(img) + i_shift2)
+        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_gate2 * _apply_mlp(self.txt_mlp, (1 + t_scale2) * _layer_norm(txt) + t_shift2)
+        return img, txt
+
+
+class SingleStreamBlock(nnx.Module):
+    """Parallel attention + MLP block on the concatenated [txt, img] sequence."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        h = cfg.hidden_size
+        self.hidden_size = h
+        self.num_heads = cfg.num_heads
+        self.linear1 = _linear(h, 3 * h + cfg.mlp_hidden_dim, **kw)
+        self.linear2 = _linear(h + cfg.mlp_hidden_dim, h, **kw)
+        self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
+        self.modulation = Modulation(h, double=False, **kw)
+
+    def __call__(self, x: jax.Array, vec: jax.Array,
+                 pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+        shift, scale, gate = self.modulation(vec)
+        x_mod = (1 + scale) * _layer_norm(x) + shift
+        h1 = self.linear1(x_mod)
+        qkv, mlp = h1[..., :3 * self.hidden_size], h1[..., 3 * self.hidden_size:]
+        q, k, v = (a.reshape(*a.shape[:2], self.num_heads, -1)
+                   for a in jnp.split(qkv, 3, axis=-1))
+        q, k = self.norm(q, k)
+        attn = _attention(q, k, v, pe)
+        out = self.linear2(jnp.concatenate([attn, nnx.gelu(mlp, approximate=True)], axis=-1))
+        return x + gate * out
+
+
+class LastLayer(nnx.Module):
+    """adaLN (shift, scale from silu(vec)) + linear projection to out_channels."""
+
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        h = cfg.hidden_size
+        # BFL: nn.Sequential(SiLU, Linear) -> params at .1
+        self.adaLN_modulation = nnx.List(
+            [None, _linear(h, 2 * h, rngs=rngs, dtype=dtype, param_dtype=param_dtype)])
+        self.linear = _linear(h, cfg.out_channels, rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.adaLN_modulation[1](nnx.silu(vec)), 2, axis=-1)
+        x = (1 + scale[:, None, :]) * _layer_norm(x) + shift[:, None, :]
+        return self.linear(x)
+
+
+class FluxTransformer(nnx.Module):
+    """The FLUX.1 velocity model ``v(img, t | txt, y, guidance)``.
+
+    Args:
+      cfg: hyper-parameters.
+      rngs: initialisation randomness.
+      dtype: compute dtype (activations and returned velocity).
+      param_dtype: parameter dtype.
+      remat: recompute each block's activations in the backward pass.
+    """
+
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        h = cfg.hidden_size
+        self.img_in = _linear(cfg.in_channels, h, rngs=rngs, **kw)
+        self.time_in = MLPEmbedder(256, h, rngs=rngs, **kw)
+        self.vector_in = MLPEmbedder(cfg.vec_dim, h, rngs=rngs, **kw)
+        self.guidance_in = MLPEmbedder(256, h, rngs=rngs, **kw) if cfg.guidance_embed else None
+        self.txt_in = _linear(cfg.context_dim, h, rngs=rngs, **kw)
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_double(r: nnx.Rngs) -> DoubleStreamBlock:
+            return DoubleStreamBlock(cfg, rngs=r, **kw)
+
+        @nnx.split_rngs(splits=cfg.depth_single)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_single(r: nnx.Rngs) -> SingleStreamBlock:
+            return SingleStreamBlock(cfg, rngs=r, **kw)
+
+        self.double_blocks = make_double(rngs)
+        self.single_blocks = make_single(rngs)
+        self.final_layer = LastLayer(cfg, rngs=rngs, **kw)
+
+    def __call__(
+        self,
+        img: jax.Array,
+        img_ids: jax.Array,
+        txt: jax.Array,
+        txt_ids: jax.Array,
+        timesteps: jax.Array,
+        y: jax.Array,
+        guidance: jax.Array | None = None,
+    ) -> jax.Array:
+        cfg = self.cfg
+        chex.assert_rank([img, img_ids, txt, txt_ids, timesteps, y], [3, 3, 3, 3, 1, 2])
+        b, n_img = img.shape[:2]
+        n_txt = txt.shape[1]
+        chex.assert_shape(img, (b, n_img, cfg.in_channels))
+        chex.assert_shape(img_ids, (b, n_img, len(cfg.axes_dim)))
+        chex.assert_shape(txt, (b, n_txt, cfg.context_dim))
+        chex.assert_shape(txt_ids, (b, n_txt, len(cfg.axes_dim)))
+        chex.assert_shape(timesteps, (b,))
+        chex.assert_shape(y, (b, cfg.vec_dim))
+        dt = self.dtype
+
+        x = self.img_in(img.astype(dt))
+        vec = self.time_in(timestep_embedding(timesteps, 256).astype(dt))
+        if cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("This FLUX model embeds guidance (cfg.guidance_embed=True): "
+                                 "pass guidance [B], e.g. jnp.full((B,), 3.5).")
+            chex.assert_shape(guidance, (b,))
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(dt))
+        vec = vec + self.vector_in(y.astype(dt))
+        ctx = self.txt_in(txt.astype(dt))
+
+        pe = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim,
+                              cfg.theta)
+
+        def double_body(carry, block: DoubleStreamBlock):
+            return block(carry[0], carry[1], vec, pe)
+
+        def single_body(carry, block: SingleStreamBlock):
+            return block(carry, vec, pe)
+
+        if self.remat:
+            double_body = nnx.remat(double_body)
+            single_body = nnx.remat(single_body)
+        x, ctx = nnx.scan(double_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+            (x, ctx), self.double_blocks)
+        h = jnp.concatenate([ctx, x], axis=1)
+        h = nnx.scan(single_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+            h, self.single_blocks)
+        out = self.final_layer(h[:, n_txt:], vec).astype(dt)
+        chex.assert_shape(out, (b, n_img, cfg.out_channels))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Weight mapping (checkpoint names -> NNX state paths).
+
+
+def _put_linear(out: TensorMap, src: SourceTensors, target: str, source: str,
+                bias: bool = True) -> None:
+    put(out, f"{target}.kernel", f"{source}.weight", _maybe_t(src.take(f"{source}.weight")))
+    if bias:
+        put(out, f"{target}.bias", f"{source}.bias", src.take(f"{source}.bias"))
+
+
+def _maybe_t(w: np.ndarray | None) -> np.ndarray | None:
+    return None if w is None else linear_kernel(w)
+
+
+def _put_linear_stacked(out: TensorMap, src: SourceTensors, target: str, source_fmt: str,
+                        n: int, bias: bool = True) -> None:
+    """``source_fmt`` has ``{}`` for the layer index, e.g. ``double_blocks.{}.img_mod.lin``."""
+    put_stacked(out, f"{target}.kernel",
+                stack_layers(src, source_fmt + ".weight", n, linear_kernel))
+    if bias:
+        put_stacked(out, f"{target}.bias", stack_layers(src, source_fmt + ".bias", n))
+
+
+def _put_fused_stacked(out: TensorMap, src: SourceTensors, target: str,
+                       source_fmts: list[str], n: int, bias: bool = True) -> None:
+    """Several per-layer torch Linears fused along their output axis (e.g. q, k, v)."""
+    label = "[" + ", ".join(f.format("*") for f in source_fmts) + "]"
+
+    def fused(suffix: str, transform) -> tuple[str, np.ndarray] | None:
+        parts = [stack_layers(src, f + suffix, n, transform) for f in source_fmts]
+        if any(p is None for p in parts):
+            return None
+        return label + suffix, np.concatenate([p[1] for p in parts], axis=-1)
+
+    put_stacked(out, f"{target}.kernel", fused(".weight", linear_kernel))
+    if bias:
+        put_stacked(out, f"{target}.bias", fused(".bias", lambda a: a))
+
+
+def _swap_halves(a: np.ndarray | None) -> np.ndarray | None:
+    """diffusers AdaLayerNormContinuous rows are (scale, shift); BFL's are (shift, scale)."""
+    if a is None:
+        return None
+    half = a.shape[0] // 2
+    return np.concatenate([a[half:], a[:half]], axis=0)
+
+
+def map_diffusers(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
+    """diffusers ``FluxTransformer2DModel`` state dict -> our NNX state paths."""
+    out: TensorMap = {}
+    _put_linear(out, src, "img_in", "x_embedder")
+    _put_linear(out, src, "txt_in", "context_embedder")
+    tte = "time_text_embed"
+    _put_linear(out, src, "time_in.in_layer", f"{tte}.timestep_embedder.linear_1")
+    _put_linear(out, src, "time_in.out_layer", f"{tte}.timestep_embedder.linear_2")
+    if cfg.guidance_embed:
+        _put_linear(out, src, "guidance_in.in_layer", f"{tte}.guidance_embedder.linear_1")
+        _put_linear(out, src, "guidance_in.out_layer", f"{tte}.guidance_embedder.linear_2")
+    _put_linear(out, src, "vector_in.in_layer", f"{tte}.text_embedder.linear_1")
+    _put_linear(out, src, "vector_in.out_layer", f"{tte}.text_embedder.linear_2")
+
+    n, d = cfg.depth, "transformer_blocks.{}"
+    t = "double_blocks"
+    for stream, mod, q, k, v, o, qn, kn, ff in (
+        ("img", "norm1", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k", "ff"),
+        ("txt", "norm1_context", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+         "norm_added_q", "norm_added_k", "ff_context"),
+    ):
+        _put_linear_stacked(out, src, f"{t}.{stream}_mod.lin", f"{d}.{mod}.linear", n)
+        _put_fused_stacked(out, src, f"{t}.{stream}_attn.qkv",
+                           [f"{d}.attn.{q}", f"{d}.attn.{k}", f"{d}.attn.{v}"], n,
+                           bias=cfg.qkv_bias)
+        put_stacked(out, f"{t}.{stream}_attn.norm.query_norm.scale",
+                    stack_layers(src, f"{d}.attn.{qn}.weight", n))
+        put_stacked(out, f"{t}.{stream}_attn.norm.key_norm.scale",
+                    stack_layers(src, f"{d}.attn.{kn}.weight", n))
+        _put_linear_stacked(out, src, f"{t}.{stream}_attn.proj", f"{d}.attn.{o}", n)
+        _put_linear_stacked(out, src, f"{t}.{stream}_mlp.0", f"{d}.{ff}.net.0.proj", n)
+        _put_linear_stacked(out, src, f"{t}.{stream}_mlp.2", f"{d}.{ff}.net.2", n)
+
+    n, s, t = cfg.depth_single, "single_transformer_blocks.{}", "single_blocks"
+    _put_fused_stacked(out, src, f"{t}.linear1",
+                       [f"{s}.attn.to_q", f"{s}.attn.to_k", f"{s}.attn.to_v", f"{s}.proj_mlp"], n)
+    _put_linear_stacked(out, src, f"{t}.linear2", f"{s}.proj_out", n)
+    put_stacked(out, f"{t}.norm.query_norm.scale", stack_layers(src, f"{s}.attn.norm_q.weight", n))
+    put_stacked(out, f"{t}.norm.key_norm.scale", stack_layers(src, f"{s}.attn.norm_k.weight", n))
+    _put_linear_stacked(out, src, f"{t}.modulation.lin", f"{s}.norm.linear", n)
+
+    w = src.take("norm_out.linear.weight")
+    put(out, "final_layer.adaLN_modulation.1.kernel", "norm_out.linear.weight",
+        _maybe_t(_swap_halves(w)))
+    put(out, "final_layer.adaLN_modulation.1.bias", "norm_out.linear.bias",
+        _swap_halves(src.take("norm_out.linear.bias")))
+    _put_linear(out, src, "final_layer.linear", "proj_out")
+    return out
+
+
+def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
+    """Original BFL single-file names (``flux1-dev.safetensors``) -> NNX state paths."""
+    out: TensorMap = {}
+    top = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
+           "vector_in.in_layer", "vector_in.out_layer", "final_layer.linear",
+           "final_layer.adaLN_modulation.1"]
+    if cfg.guidance_embed:
+        top += ["guidance_in.in_layer", "guidance_in.out_layer"]
+    for name in top:
+        _put_linear(out, src, name, name)
+
+    for stream in ("img", "txt"):
+        for lin in (f"{stream}_mod.lin", f"{stream}_attn.proj", f"{stream}_mlp.0",
+                    f"{stream}_mlp.2"):
+            _put_linear_stacked(out, src, f"double_blocks.{lin}", f"double_blocks.{{}}.{lin}",
+                                cfg.depth)
+        _put_linear_stacked(out, src, f"double_blocks.{stream}_attn.qkv",
+                            f"double_blocks.{{}}.{stream}_attn.qkv", cfg.depth,
+                            bias=cfg.qkv_bias)
+        for norm in ("query_norm", "key_norm"):
+            name = f"{stream}_attn.norm.{norm}.scale"
+            put_stacked(out, f"double_blocks.{name}",
+                        stack_layers(src, f"double_blocks.{{}}.{name}", cfg.depth))
+
+    for lin in ("linear1", "linear2", "modulation.lin"):
+        _put_linear_stacked(out, src, f"single_blocks.{lin}", f"single_blocks.{{}}.{lin}",
+                            cfg.depth_single)
+    for norm in ("query_norm", "key_norm"):
+        name = f"norm.{norm}.scale"
+        put_stacked(out, f"single_blocks.{name}",
+                    stack_layers(src, f"single_blocks.{{}}.{name}", cfg.depth_single))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool):
+    param_dtype = jnp.float32 if dtype is None else dtype
+    return lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
+                                   param_dtype=param_dtype, remat=remat)
+
+
+def load_diffusers(
+    path: str | Path,
+    *,
+    dtype: jnp.dtype | None = None,
+    compute_dtype: jnp.dtype = jnp.float32,
+    remat: bool = False,
+) -> FluxTransformer:
+    """Loads a diffusers ``FluxTransformer2DModel`` directory.
+
+    Args:
+      path: the ``transformer/`` directory (``config.json`` + safetensors, single or
+        sharded with ``*.safetensors.index.json``), or a pipeline root holding one.
+      dtype: parameter dtype (default fp32; e.g. ``jnp.bfloat16`` for a frozen copy).
+      compute_dtype: activation / output dtype.
+      remat: rematerialise blocks in the backward pass.
+
+    Raises:
+      FileNotFoundError: naming the missing ``config.json`` or weights.
+      WeightMismatchError: listing every missing, unexpected or mis-shaped tensor.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+        path = path / "transformer"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"No diffusers transformer config: {config_file} does not exist (expected a "
+            "FluxTransformer2DModel directory, e.g. <FLUX.1-dev>/transformer).")
+    cfg = FluxConfig.from_diffusers(json.loads(config_file.read_text()))
+    tensors = read_safetensors(path)
+    return load_model(_factory(cfg, dtype, compute_dtype, remat),
+                      lambda src: map_diffusers(src, cfg), tensors,
+                      origin=f"diffusers checkpoint {path}", dtype=dtype)
+
+
+_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def load_bfl(
+    file: str | Path,
+    cfg: FluxConfig,
+    *,
+    dtype: jnp.dtype | None = None,
+    compute_dtype: jnp.dtype = jnp.float32,
+    remat: bool = False,
+) -> FluxTransformer:
+    """Loads an original BFL single-file checkpoint (e.g. ``flux1-dev.safetensors``).
+
+    A ``model.diffusion_model.`` prefix on every key (ComfyUI-style files) is stripped.
+    Arguments as in :func:`load_diffusers`; ``cfg`` must describe the checkpoint
+    (``FluxConfig.flux_dev()`` for FLUX.1-dev).
+    """
+    file = Path(file)
+    if not file.exists():
+        raise FileNotFoundError(f"BFL checkpoint {file} does not exist.")
+    tensors = read_safetensors(file)
+    for prefix in _BFL_PREFIXES:
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+            break
+    return load_model(_factory(cfg, dtype, compute_dtype, remat),
+                      lambda src: map_bfl(src, cfg), tensors,
+                      origin=f"BFL checkpoint {file}", dtype=dtype)
