@@ -1,0 +1,296 @@
+"""The GRPO objective and the jitted train step.
+
+One ``train_step(state, batch, key)`` recomputes, under the current params, the
+log-probability of stored SDE transitions at a random subset of timesteps per
+sample, forms the PPO-style clipped surrogate on group advantages, accumulates
+gradients over micro-batches and timestep chunks (an explicit ``lax.scan``,
+equivalent to the reference's backward-per-(sample, timestep) loop), and applies
+one optax update. Ratios, log-probs and losses are fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from prefgrpo_jax import sampling
+
+TrainState = dict[str, Any]  # {"params", "opt_state", "step"}, big_vision style
+
+
+def clipped_surrogate(
+    logp_new: jax.Array, logp_old: jax.Array, adv: jax.Array, clip_range: float
+) -> jax.Array:
+    """PPO clipped surrogate ``mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))``.
+
+    Args:
+      logp_new, logp_old, adv: same shape (e.g. ``[B]``).
+      clip_range: eps > 0.
+
+    Returns:
+      Scalar fp32: the mean of the per-element loss, before any accumulation
+      scaling.
+    """
+    chex.assert_equal_shape([logp_new, logp_old, adv])
+    ratio = jnp.exp(logp_new.astype(jnp.float32) - logp_old.astype(jnp.float32))
+    adv = adv.astype(jnp.float32)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return jnp.mean(jnp.maximum(unclipped, clipped))
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Static configuration of the GRPO update.
+
+    Attributes:
+      clip_range: ratio clip eps (1e-4 in the Pref-GRPO recipe).
+      timestep_fraction: fraction of the first S-1 steps trained per sample
+        (drawn per sample; the last, near-deterministic step is never trained).
+      kl_beta: weight of the KL to the frozen reference policy (0: off).
+      grad_accum: micro-batches per update (gradients summed, one optimizer step).
+      timestep_chunk: trained timesteps per forward pass; the number of trained
+        timesteps must be a multiple of it. Larger = more parallel, more memory.
+    """
+
+    clip_range: float = 1e-4
+    timestep_fraction: float = 0.6
+    kl_beta: float = 0.0
+    grad_accum: int = 1
+    timestep_chunk: int = 1
+
+    def num_train_timesteps(self, num_steps: int) -> int:
+        """``max(1, floor(fraction * (S - 1)))`` trained steps per sample."""
+        if num_steps < 2:
+            raise ValueError("GRPO needs at least 2 sampling steps (the last is not trained)")
+        return max(1, int(self.timestep_fraction * (num_steps - 1)))
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule,
+    *,
+    weight_decay: float = 1e-4,
+    max_grad_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping, skipping non-finite updates.
+
+    ``apply_if_finite`` leaves params and Adam moments untouched on a step whose
+    gradient has a NaN/Inf and counts it (``opt_state.total_notfinite``); the
+    training loop decides when too many in a row is fatal.
+    """
+    chain = []
+    if max_grad_norm is not None:
+        chain.append(optax.clip_by_global_norm(max_grad_norm))
+    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def select_timesteps(key: jax.Array, batch: int, num_steps: int, k: int) -> jax.Array:
+    """``[B, k]`` distinct step indices per sample, uniform from ``[0, S - 1)``."""
+    keys = jax.random.split(key, batch)
+    perms = jax.vmap(lambda kk: jax.random.permutation(kk, num_steps - 1))(keys)
+    return perms[:, :k]
+
+
+def _gather_steps(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """``a [b, S', ...]``, ``idx [b, c]`` -> ``[b * c, ...]`` (sample-major)."""
+    expanded = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+    taken = jnp.take_along_axis(a, expanded, axis=1)
+    return taken.reshape((-1,) + a.shape[2:])
+
+
+def _repeat_each(tree: Any, c: int) -> Any:
+    return jax.tree.map(lambda a: jnp.repeat(a, c, axis=0), tree)
+
+
+def make_train_step(
+    velocity_fn: sampling.VelocityFn,
+    sampler: sampling.SamplerConfig,
+    grpo: GRPOConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    jit: bool = True,
+    jit_kwargs: dict | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``train_step(state, batch, key, ref_params=None) -> (state, metrics)``.
+
+    ``batch`` holds (B = prompts x group, S = sampler.num_steps):
+      latents ``[B, S + 1, L, C]``, log_probs ``[B, S]`` (from the rollout),
+      advantages ``[B]``, cond (pytree, leading dim B), optionally uncond.
+    ``ref_params`` (needed iff ``grpo.kl_beta > 0``) is the frozen reference.
+
+    With ``jit`` the step is jitted with the state donated; ``jit_kwargs`` adds
+    e.g. ``in_shardings``/``out_shardings``.
+    """
+    if sampler.mode not in sampling.STEP_MODES:
+        raise ValueError(f"GRPO trains SDE transitions; sampler.mode={sampler.mode!r} has none")
+    if grpo.clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {grpo.clip_range}")
+    sigmas = jnp.asarray(sampler.sigmas())
+    num_steps = sampler.num_steps
+    k = grpo.num_train_timesteps(num_steps)
+    c = grpo.timestep_chunk
+    if k % c:
+        raise ValueError(
+            f"{k} trained timesteps per sample are not a multiple of timestep_chunk={c}"
+        )
+    n_chunks = k // c
+    weight = 1.0 / (n_chunks * grpo.grad_accum)
+
+    def chunk_loss(params, ref_params, x, x_next, logp_old, adv, ti, cond, uncond):
+        sigma, sigma_next = sigmas[ti], sigmas[ti + 1]
+        t = sampling.model_timesteps(sigma, sampler.quantize_timesteps)
+
+        def transition(p):
+            v = sampling.guided_velocity(velocity_fn, p, x, t, cond, uncond, sampler.cfg_scale)
+            return sampling.sde_step(
+                x, v, sigma, sigma_next, eta=sampler.eta, mode=sampler.mode,
+                sigma_max=sigmas[1], next_sample=x_next,
+            )
+
+        _, logp_new, mean, std = transition(params)
+        loss = clipped_surrogate(logp_new, logp_old, adv, grpo.clip_range)
+        ratio = jnp.exp(logp_new - logp_old)
+        kl = jnp.zeros_like(logp_new)
+        if grpo.kl_beta > 0:
+            _, _, mean_ref, _ = transition(jax.lax.stop_gradient(ref_params))
+            sq = (mean - mean_ref) ** 2 / (2.0 * jnp.broadcast_to(std, mean.shape) ** 2)
+            kl = jnp.mean(sq, axis=tuple(range(1, sq.ndim)))
+            loss = loss + grpo.kl_beta * jnp.mean(kl)
+        aux = {
+            "ratio_sum": jnp.sum(ratio),
+            "ratio_min": jnp.min(ratio),
+            "ratio_max": jnp.max(ratio),
+            "clipped": jnp.sum((jnp.abs(ratio - 1.0) > grpo.clip_range).astype(jnp.float32)),
+            "approx_kl": jnp.sum(0.5 * (logp_new - logp_old) ** 2),
+            "kl_ref": jnp.sum(kl),
+        }
+        return loss * weight, aux
+
+    grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None):
+        if grpo.kl_beta > 0 and ref_params is None:
+            raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
+        params = state["params"]
+        latents = batch["latents"]
+        B = latents.shape[0]
+        chex.assert_shape(latents, (B, num_steps + 1, None, None))
+        chex.assert_shape(batch["log_probs"], (B, num_steps))
+        chex.assert_shape(batch["advantages"], (B,))
+        if B % grpo.grad_accum:
+            raise ValueError(f"batch {B} is not divisible by grad_accum={grpo.grad_accum}")
+        b = B // grpo.grad_accum
+        idx = select_timesteps(key, B, num_steps, k)
+
+        def micro(a):  # [B, ...] -> [accum, b, ...]
+            return a.reshape((grpo.grad_accum, b) + a.shape[1:])
+
+        micro_batches = {
+            "latents": micro(latents),
+            "log_probs": micro(batch["log_probs"].astype(jnp.float32)),
+            "adv": micro(batch["advantages"].astype(jnp.float32)),
+            "idx": micro(idx).reshape(grpo.grad_accum, b, n_chunks, c).swapaxes(1, 2),
+            "cond": jax.tree.map(micro, batch["cond"]),
+            "uncond": jax.tree.map(micro, batch.get("uncond")),
+        }
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zero_aux = {
+            "loss": 0.0, "ratio_sum": 0.0, "ratio_min": jnp.inf, "ratio_max": -jnp.inf,
+            "clipped": 0.0, "approx_kl": 0.0, "kl_ref": 0.0,
+        }
+        zero_aux = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), zero_aux)
+
+        def accumulate(carry, mb):
+            def over_chunks(carry, ti):  # ti [b, c]
+                grads, acc = carry
+                x = _gather_steps(mb["latents"], ti)
+                x_next = _gather_steps(mb["latents"], ti + 1)
+                logp_old = _gather_steps(mb["log_probs"][..., None], ti)[:, 0]
+                adv = jnp.repeat(mb["adv"], c)
+                cond = _repeat_each(mb["cond"], c)
+                uncond = _repeat_each(mb["uncond"], c)
+                (loss, aux), g = grad_fn(
+                    params, ref_params, x, x_next, logp_old, adv, ti.reshape(-1), cond, uncond
+                )
+                grads = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), grads, g)
+                acc = {
+                    "loss": acc["loss"] + loss,
+                    "ratio_sum": acc["ratio_sum"] + aux["ratio_sum"],
+                    "ratio_min": jnp.minimum(acc["ratio_min"], aux["ratio_min"]),
+                    "ratio_max": jnp.maximum(acc["ratio_max"], aux["ratio_max"]),
+                    "clipped": acc["clipped"] + aux["clipped"],
+                    "approx_kl": acc["approx_kl"] + aux["approx_kl"],
+                    "kl_ref": acc["kl_ref"] + aux["kl_ref"],
+                }
+                return (grads, acc), None
+
+            carry, _ = jax.lax.scan(over_chunks, carry, mb["idx"])
+            return carry, None
+
+        (grads, acc), _ = jax.lax.scan(accumulate, (zero_grads, zero_aux), micro_batches)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss with finite gradients must not slip through either.
+        finite = jnp.isfinite(acc["loss"]) & jnp.isfinite(grad_norm)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new_params = jax.tree.map(lambda n, o: n.astype(o.dtype), new_params, params)
+        n_elem = B * k
+        metrics = {
+            "loss": acc["loss"],
+            "clip_fraction": acc["clipped"] / n_elem,
+            "approx_kl": acc["approx_kl"] / n_elem,
+            "kl_ref": acc["kl_ref"] / n_elem,
+            "ratio_mean": acc["ratio_sum"] / n_elem,
+            "ratio_min": acc["ratio_min"],
+            "ratio_max": acc["ratio_max"],
+            "grad_norm": grad_norm,
+            "skipped_nonfinite": 1.0 - finite.astype(jnp.float32),
+        }
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    if not jit:
+        return train_step
+    return jax.jit(train_step, donate_argnums=(0,), **(jit_kwargs or {}))
+
+
+def rollout_batch(
+    trajectory: sampling.Trajectory, advantages: jax.Array, cond: Any, uncond: Any = None
+) -> dict[str, Any]:
+    """Packs a sampled trajectory and its advantages into a ``train_step`` batch."""
+    batch = {
+        "latents": trajectory.latents,
+        "log_probs": trajectory.log_probs,
+        "advantages": advantages.reshape(-1),
+        "cond": cond,
+    }
+    if uncond is not None:
+        batch["uncond"] = uncond
+    return batch
+
+
+__all__ = [
+    "GRPOConfig",
+    "TrainState",
+    "clipped_surrogate",
+    "init_train_state",
+    "make_optimizer",
+    "make_train_step",
+    "rollout_batch",
+    "select_timesteps",
+]
