@@ -322,7 +322,36 @@ def test_clip_text_too_long_raises(clip_text_dir):
 
 
 # ---------------------------------------------------------------------------
-# Tokenizers.
+# FLUX conditioning end to end, and tokenizers.
+
+
+def test_flux_encode_prompt_parity(tokenizer_dirs, tmp_path):
+    """diffusers' FluxPipeline accepts the tiny tokenizers, and our encoders reproduce
+    its ``encode_prompt``: T5 ``prompt_embeds`` and CLIP ``pooled_prompt_embeds``
+    (FLUX pads CLIP to 77 and T5 to max_sequence_length, and passes no mask)."""
+    diffusers = pytest.importorskip("diffusers")
+    clip_dir, t5_tok_dir = tokenizer_dirs
+    clip = randomize_(transformers.CLIPTextModel(_clip_text_config(2, "quick_gelu")), seed=4)
+    t5 = randomize_(transformers.T5EncoderModel(_t5_config("gated-gelu")), seed=5)
+    clip.save_pretrained(str(tmp_path / "text_encoder"))
+    t5.save_pretrained(str(tmp_path / "text_encoder_2"))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
+    tok2 = transformers.T5TokenizerFast.from_pretrained(str(t5_tok_dir))
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=clip,
+        tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok2, transformer=None,
+    )
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(PROMPTS, prompt_2=None,
+                                                      max_sequence_length=48)
+    clip_ids = tok(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                   return_tensors="np")["input_ids"]
+    t5_ids = tok2(PROMPTS, padding="max_length", max_length=48, truncation=True,
+                  return_tensors="np")["input_ids"]
+    _, ours_pooled = te.load_clip_text(tmp_path / "text_encoder")(jnp.asarray(clip_ids))
+    ours_embeds = te.load_t5(tmp_path / "text_encoder_2")(jnp.asarray(t5_ids))
+    assert_close_rel(ours_embeds, prompt_embeds.numpy(), "FLUX prompt_embeds (T5)")
+    assert_close_rel(ours_pooled, pooled.numpy(), "FLUX pooled_prompt_embeds (CLIP)")
 
 
 def test_tiny_tokenizers_load_and_tokenize(tokenizer_dirs):

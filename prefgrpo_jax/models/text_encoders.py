@@ -57,6 +57,7 @@ __all__ = [
     "T5Encoder",
     "attention",
     "clip_text_pooled_index",
+    "config_subset",
     "load_clip_text",
     "load_t5",
     "map_clip_encoder_layers",
@@ -166,9 +167,10 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def _fields(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+def config_subset(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The non-null entries of an HF config dict that are fields of dataclass ``cls``."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in config.items() if k in names}
+    return {k: v for k, v in config.items() if k in names and v is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -199,7 +201,7 @@ class T5Config:
         means a gated FFN with ``gelu_new`` (tanh approximation); ``"relu"`` a
         plain ``wi``/``wo`` FFN with ReLU; ``"gated-<act>"`` gated with ``act``.
         """
-        kwargs = _fields(cls, config)
+        kwargs = config_subset(cls, config)
         kwargs.pop("dense_act_fn", None)
         kwargs.pop("is_gated_act", None)
         proj = config.get("feed_forward_proj", "relu")
@@ -471,7 +473,7 @@ class CLIPTextConfig:
         """From a ``CLIPTextConfig`` dict, or a ``CLIPConfig`` dict (its ``text_config``)."""
         if "text_config" in config:
             config = config["text_config"] or {}
-        return cls(**_fields(cls, config))
+        return cls(**config_subset(cls, config))
 
 
 def clip_text_pooled_index(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
