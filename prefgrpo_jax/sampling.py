@@ -62,13 +62,15 @@ def make_sigmas(
     schedule: str = "sd3",
     shift: float = 3.0,
     image_seq_len: int | None = None,
+    mu: float | None = None,
 ) -> np.ndarray:
     """Noise levels ``[S + 1]`` from 1 down to 0 (fp32).
 
     Args:
       num_steps: S denoising steps.
       schedule: "sd3" (``shift``-ed linspace, the Pref-GRPO recipe) or "flux"
-        (diffusers' FluxPipeline schedule, mu from ``image_seq_len``).
+        (diffusers' FluxPipeline schedule, mu from ``image_seq_len`` unless
+        ``mu`` is given, e.g. from a scheduler config with other shift bounds).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -78,9 +80,9 @@ def make_sigmas(
             raise ValueError(f"shift must be > 0, got {shift}")
         sigmas = sd3_shift(t, shift)
     elif schedule == "flux":
-        if image_seq_len is None:
-            raise ValueError("schedule='flux' needs image_seq_len (image tokens)")
-        sigmas = flux_time_shift(t, flux_mu(image_seq_len))
+        if mu is None and image_seq_len is None:
+            raise ValueError("schedule='flux' needs image_seq_len (image tokens) or mu")
+        sigmas = flux_time_shift(t, flux_mu(image_seq_len) if mu is None else mu)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     return sigmas.astype(np.float32)
@@ -246,7 +248,8 @@ class SamplerConfig:
       mode: "flow" | "dance" (stochastic, with log-probs) or "ode" (deterministic;
         log-probs are zeros).
       schedule, shift: see ``make_sigmas``.
-      image_seq_len: image tokens, needed by ``schedule="flux"``.
+      image_seq_len: image tokens, needed by ``schedule="flux"`` (unless ``mu``).
+      mu: explicit FLUX shift, overriding the one derived from ``image_seq_len``.
       quantize_timesteps: feed ``floor(1000 sigma)/1000`` to the model, as the
         reference's integer timesteps do (default off).
       group_size: G images per prompt; the batch is prompts x G, group-major.
@@ -261,6 +264,7 @@ class SamplerConfig:
     schedule: str = "sd3"
     shift: float = 3.0
     image_seq_len: int | None = None
+    mu: float | None = None
     quantize_timesteps: bool = False
     group_size: int = 8
     init_same_noise: bool = True
@@ -269,7 +273,7 @@ class SamplerConfig:
     def sigmas(self) -> np.ndarray:
         return make_sigmas(
             self.num_steps, schedule=self.schedule, shift=self.shift,
-            image_seq_len=self.image_seq_len,
+            image_seq_len=self.image_seq_len, mu=self.mu,
         )
 
 
@@ -325,6 +329,7 @@ def _trajectory(
     cond: Any,
     latent_shape: tuple[int, int],
     uncond: Any = None,
+    x_init: jax.Array | None = None,
 ) -> Trajectory:
     batch = jax.tree.leaves(cond)[0].shape[0]
     if config.cfg_scale != 1.0 and uncond is None:
@@ -332,24 +337,33 @@ def _trajectory(
     sigmas_np = config.sigmas()
     sigmas = jnp.asarray(sigmas_np)
     noise_key, step_key = jax.random.split(key)
-    x_init = initial_noise(noise_key, batch, latent_shape, config.group_size, config.init_same_noise)
+    if x_init is None:
+        x_init = initial_noise(noise_key, batch, latent_shape, config.group_size, config.init_same_noise)
+    else:
+        chex.assert_shape(x_init, (batch, *latent_shape))
+        x_init = x_init.astype(jnp.float32)
     step_keys = jax.random.split(step_key, config.num_steps)
     sigma_max = sigmas[1]
 
-    def step(x, inputs):
+    # params ride in the carry (unchanged): models that use nnx transforms inside
+    # (scanned blocks) refuse variables closed over from an outer trace level.
+    def step(carry, inputs):
+        x, p = carry
         sigma, sigma_next, k = inputs
         t = jnp.full((batch,), model_timesteps(sigma, config.quantize_timesteps))
-        v = guided_velocity(velocity_fn, params, x, t, cond, uncond, config.cfg_scale)
+        v = guided_velocity(velocity_fn, p, x, t, cond, uncond, config.cfg_scale)
         if config.mode == "ode":
             x_next = ode_step(x, v.astype(jnp.float32), sigma, sigma_next)
-            return x_next, (x_next, jnp.zeros((batch,), jnp.float32))
+            return (x_next, p), (x_next, jnp.zeros((batch,), jnp.float32))
         x_next, log_prob, _, _ = sde_step(
             x, v, sigma, sigma_next, eta=config.eta, mode=config.mode,
             sigma_max=sigma_max, key=k,
         )
-        return x_next, (x_next, log_prob)
+        return (x_next, p), (x_next, log_prob)
 
-    _, (xs, log_probs) = jax.lax.scan(step, x_init, (sigmas[:-1], sigmas[1:], step_keys))
+    _, (xs, log_probs) = jax.lax.scan(
+        step, (x_init, params), (sigmas[:-1], sigmas[1:], step_keys)
+    )
     latents = jnp.concatenate([x_init[None], xs], axis=0)  # [S+1, B, L, C]
     return Trajectory(
         latents=jnp.moveaxis(latents, 0, 1),
@@ -367,6 +381,7 @@ def sample_trajectory(
     cond: Any,
     latent_shape: tuple[int, int],
     uncond: Any = None,
+    x_init: jax.Array | None = None,
 ) -> Trajectory:
     """The whole denoising loop, one ``lax.scan`` under ``jit``.
 
@@ -380,8 +395,9 @@ def sample_trajectory(
         ``B = prompts x group_size`` (group-major: sample b is in group b // G).
       latent_shape: ``(L, C)`` of one packed latent.
       uncond: conditioning for classifier-free guidance (``cfg_scale > 1``).
+      x_init: optional ``[B, L, C]`` initial latents (default: drawn from ``key``).
 
     Returns:
       A ``Trajectory`` (latents ``[B,S+1,L,C]``, log_probs ``[B,S]``, sigmas ``[S+1]``).
     """
-    return _trajectory(velocity_fn, config, params, key, cond, latent_shape, uncond)
+    return _trajectory(velocity_fn, config, params, key, cond, latent_shape, uncond, x_init)
