@@ -227,6 +227,7 @@ def _parse_object(words: list[str], text: str) -> ObjectSpec:
     return ObjectSpec(rest[0], colour, size)
 
 
+@lru_cache(maxsize=8192)  # pure; rewards parse the same few prompts every step
 def parse_prompt(text: str) -> PromptSpec:
     """Invert the grammar: ``parse_prompt(spec.text) == spec`` for every generated spec.
 
