@@ -69,3 +69,27 @@ def save_tiny_flux_pipeline(root: str | Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(str(root / "flux"))
     return root / "flux"
+
+
+def save_tiny_clip(root: str | Path, seed: int = 0, image_size: int = IMAGE_SIZE) -> Path:
+    """A transformers CLIPModel directory (weights + tokenizer) for the CLIP reward."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(
+            vocab_size=CLIP_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=CLIP_VOCAB - 2,
+            eos_token_id=CLIP_VOCAB - 1, pad_token_id=CLIP_VOCAB - 1,
+        ),
+        vision_config=dict(
+            image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=1, num_attention_heads=2,
+        ),
+        projection_dim=16,
+    ))
+    model.save_pretrained(str(root))
+    save_clip_tokenizer(root, vocab_size=CLIP_VOCAB)
+    return root

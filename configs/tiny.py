@@ -1,0 +1,53 @@
+"""Pref-GRPO on the toy world: the whole program on a laptop CPU in minutes.
+
+  python -m prefgrpo_jax.main --config=configs/tiny.py --workdir=/tmp/prefgrpo_tiny
+
+Everything it needs ships with the repo: a toy-size FLUX-architecture pipeline
+pretrained on rendered scenes (prefgrpo_jax/toyworld/assets/base), training
+prompts from the toy grammar, and the toy verifier as a built-in judge whose
+pairwise outcomes give Pref-GRPO's win rates.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from prefgrpo_jax.config import base_config
+
+ASSETS = Path(__file__).resolve().parent.parent / "prefgrpo_jax" / "toyworld" / "assets"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base_config()
+    c.total_steps = 30
+    c.checkpoint_every = 10
+    c.image_every = 10
+    c.model.path = str(ASSETS / "base")
+    c.model.dtype = "float32"
+    c.model.remat = False
+    c.data.prompts = str(ASSETS / "prompts_train.jsonl")
+    t = c.train
+    t.prompts_per_step = 4
+    t.group_size = 8
+    t.num_steps = 10
+    t.height = 32
+    t.width = 32
+    t.max_sequence_length = 16
+    t.guidance_scale = 3.5
+    t.timestep_fraction = 0.6
+    t.timestep_chunk = 5
+    t.grad_accum = 1
+    # The paper's clip range 1e-4 pairs with lr 1e-5 over hundreds of steps; the toy
+    # run has 30 steps, so it takes larger steps with a matching clip range.
+    t.clip_range = 0.05
+    c.optim.learning_rate = 3e-4
+    # Pref-GRPO: win rates from the verifier's pairwise outcomes; the verifier's
+    # own score is computed at weight 0 and logged as reward_mean.
+    c.reward.spec = {"verifier_pairwise": 1.0, "verifier": 0.0}
+    c.reward.monitor = "verifier"
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.sample.prompts = ["a red circle", "two blue squares", "a green triangle left of a yellow circle"]
+    c.sample.images_per_prompt = 4
+    c.sample.num_steps = 20
+    return c

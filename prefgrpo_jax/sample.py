@@ -1,0 +1,64 @@
+"""``--mode=sample``: images for prompts from the latest checkpoint (or base weights)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from prefgrpo_jax import checkpoint, grpo
+from prefgrpo_jax.train import build_optimizer, load_pipeline
+from prefgrpo_jax.train_logging import save_image_grid
+
+log = logging.getLogger(__name__)
+
+
+def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path):
+    """The config's pipeline with the transformer params of the latest checkpoint, if any."""
+    pipe = load_pipeline(config)
+    ckpt_dir = Path(workdir) / "checkpoints"
+    step = None
+    if ckpt_dir.is_dir():
+        checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+        step = checkpointer.latest_step()
+        if step is not None:
+            graphdef, params = nnx.split(pipe.transformer)
+            params = jax.tree.map(lambda a: a.astype(np.float32), params)
+            like = grpo.init_train_state(params, build_optimizer(config))
+            state, _ = checkpointer.restore(like)
+            pipe.transformer = nnx.merge(graphdef, state["params"])
+        checkpointer.close()
+    return pipe, step
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Writes ``workdir/samples/step_<k>/`` PNGs (one per image) and a grid."""
+    s = config.sample
+    prompts = list(s.prompts)
+    if not prompts:
+        raise ValueError("config.sample.prompts is empty: give at least one prompt")
+    pipe, step = load_trained_pipeline(config, workdir)
+    out = Path(workdir) / "samples" / (f"step_{step:06d}" if step is not None else "base")
+    key = jax.random.key(config.seed)
+    rows = []
+    for i in range(s.images_per_prompt):
+        images = pipe(
+            prompts, height=config.train.height, width=config.train.width,
+            num_inference_steps=s.num_steps, guidance_scale=config.train.get("guidance_scale"),
+            key=jax.random.fold_in(key, i),
+        )
+        rows.append(np.asarray(images))
+    grid = np.stack(rows, axis=1)  # [N, images_per_prompt, H, W, 3]
+    out.mkdir(parents=True, exist_ok=True)
+    for n, prompt in enumerate(prompts):
+        for j in range(grid.shape[1]):
+            Image.fromarray((grid[n, j] * 255).round().astype(np.uint8)).save(out / f"{n:03d}_{j:02d}.png")
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    save_image_grid(out / "grid.png", grid, prompts)
+    print(f"wrote {grid.shape[0] * grid.shape[1]} images for {len(prompts)} prompts to {out}", flush=True)
+    return out

@@ -1,0 +1,367 @@
+"""The Pref-GRPO training loop: the only place with side effects.
+
+One step: prompts (this process's shard) -> text embeddings -> SDE trajectory
+(jit, sharded over the mesh) -> VAE decode -> rewards on this process's groups
+-> advantages -> jitted GRPO update -> metrics, image grids, checkpoints.
+Every random draw comes from ``fold_in(key(seed), step)``, the prompts from a
+pure function of (seed, step, process): restarting from a checkpoint continues
+exactly as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
+from prefgrpo_jax.models import autoencoder
+from prefgrpo_jax.pipeline import FluxPipeline
+from prefgrpo_jax.rewards import registry
+from prefgrpo_jax.train_logging import MetricsLogger, save_image_grid
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Metrics that measure wall time: they differ between otherwise identical runs.
+TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had NaN/Inf losses or gradients."""
+
+
+def load_pipeline(config: ml_collections.ConfigDict) -> FluxPipeline:
+    return FluxPipeline.from_pretrained(
+        config.model.path,
+        dtype=DTYPES[config.model.dtype],
+        remat=bool(config.model.get("remat", False)),
+        max_sequence_length=int(config.train.get("max_sequence_length", 512)),
+    )
+
+
+def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sampling.SamplerConfig:
+    t = config.train
+    return sampling.SamplerConfig(
+        num_steps=t.num_steps, eta=t.eta, mode=t.step_mode, schedule=t.schedule,
+        shift=t.shift, image_seq_len=image_seq_len, quantize_timesteps=t.quantize_timesteps,
+        group_size=t.group_size, init_same_noise=t.init_same_noise,
+    )
+
+
+def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
+    t = config.train
+    return grpo.GRPOConfig(
+        clip_range=t.clip_range, timestep_fraction=t.timestep_fraction, kl_beta=t.kl_beta,
+        grad_accum=t.grad_accum, timestep_chunk=t.timestep_chunk,
+    )
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+    o = config.optim
+    return grpo.make_optimizer(
+        o.learning_rate, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        b1=o.b1, b2=o.b2, eps=o.eps,
+    )
+
+
+def prompt_source(config: ml_collections.ConfigDict, workdir: Path) -> data.DecodedSource:
+    path = Path(config.data.prompts)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config.data.prompts={str(path)!r} does not exist: give a .txt (one prompt per "
+            "line) or .jsonl file with a 'prompt' field"
+        )
+    return data.load_prompts(path, workdir / "tfds")
+
+
+def _param_count(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _tree_bytes(tree: Any) -> int:
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sampler, grpo_cfg) -> str:
+    devices = jax.devices()
+    n_dev = len(devices)
+    lines = [
+        f"prefgrpo_jax: {jax.process_count()} process(es), {n_dev} {devices[0].platform} device(s) "
+        f"({devices[0].device_kind}), mesh {dict(mesh.shape)}",
+        f"trainable transformer: {_param_count(params) / 1e6:.2f} M params "
+        f"({_tree_bytes(params) / 2**20:.1f} MiB), optimizer state {_tree_bytes(opt_state) / 2**20:.1f} MiB",
+    ]
+    for name, tree in frozen.items():
+        lines.append(f"frozen {name}: {_param_count(tree) / 1e6:.2f} M params ({_tree_bytes(tree) / 2**20:.1f} MiB)")
+    fsdp = mesh.shape["fsdp"]
+    per_device = (_tree_bytes(params) + _tree_bytes(opt_state)) / fsdp + sum(_tree_bytes(t) for t in frozen.values())
+    lines.append(
+        f"memory estimate per device (params + optimizer / fsdp {fsdp} + frozen, no activations): "
+        f"{per_device / 2**30:.3f} GiB"
+    )
+    if mesh.shape["tensor"] > 1:
+        lines.append("note: mesh.tensor > 1 replicates parameters over 'tensor' (no tensor parallelism yet)")
+    t = config.train
+    lines.append(
+        f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "
+        f"steps ({sampler.mode}, eta {sampler.eta}), {grpo_cfg.num_train_timesteps(sampler.num_steps)} "
+        f"trained timesteps/sample, reward {dict(config.reward.spec)}"
+    )
+    return "\n".join(lines)
+
+
+class Trainer:
+    """Holds the compiled functions and state of one training run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_lib.validate(config, mode="train", num_devices=jax.device_count())
+        t = config.train
+        if t.prompts_per_step % jax.process_count():
+            raise config_lib.ConfigError(
+                f"config.train.prompts_per_step={t.prompts_per_step}: must be divisible by the "
+                f"{jax.process_count()} processes"
+            )
+        self.pipe = load_pipeline(config)
+        self.mesh = sharding.make_mesh(dict(config.mesh))
+        self.h, self.w = self.pipe.latent_hw(t.height, t.width)
+        self.latent_shape = ((self.h // 2) * (self.w // 2), self.pipe.transformer.cfg.in_channels)
+        self.sampler = sampler_config(config, self.latent_shape[0])
+        self.grpo = grpo_config(config)
+        self.optimizer = build_optimizer(config)
+
+        graphdef, params = nnx.split(self.pipe.transformer)
+        self.velocity_fn = self.pipe.velocity_fn
+        # Trainable params in fp32 (master weights) whatever the frozen parts use.
+        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        state = grpo.init_train_state(params, self.optimizer)
+        min_size = int(config.get("sharding", {}).get("fsdp_min_size", 2**14))
+        self.state_shardings = sharding.param_shardings(state, self.mesh, min_size=min_size)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.ref_params = None
+        if t.kl_beta > 0:
+            # Frozen reference = the initial weights; a separate buffer (the state is donated).
+            self.ref_params = jax.device_put(
+                jax.tree.map(jnp.copy, params), sharding.param_shardings(params, self.mesh, min_size=min_size)
+            )
+        repl = sharding.replicated(self.mesh)
+        self.train_step = grpo.make_train_step(
+            self.velocity_fn, self.sampler, self.grpo, self.optimizer,
+            jit_kwargs={"out_shardings": (self.state_shardings, repl)},
+        )
+        vae_graph, vae_params = nnx.split(self.pipe.vae)
+        self.vae_params = vae_params
+        h, w = self.h, self.w
+
+        @jax.jit
+        def decode(vae_params, packed):
+            return nnx.merge(vae_graph, vae_params).decode(autoencoder.unpack_latents(packed, h, w))
+
+        self.decode = decode
+        self.reward = registry.build_reward_mix(
+            config.reward.spec, config.reward.get("options"), ddof=int(t.adv_ddof),
+            adv_clip_max=t.adv_clip_max,
+        )
+        source = prompt_source(config, self.workdir)
+        self.local_prompts = t.prompts_per_step // jax.process_count()
+        self.stream = data.PromptStream(
+            source, self.local_prompts, seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        self.checkpointer = checkpoint.Checkpointer(
+            self.workdir / "checkpoints", keep=config.keep_checkpoints, save_every=config.checkpoint_every
+        )
+        self.is_chief = jax.process_index() == 0
+        self.root_key = jax.random.key(config.seed)
+        frozen = {
+            "vae": vae_params,
+            "text encoders": (nnx.split(self.pipe.text_encoder)[1], nnx.split(self.pipe.text_encoder_2)[1]),
+        }
+        self.summary = startup_summary(
+            config, self.mesh, params, self.state["opt_state"], frozen, self.sampler, self.grpo
+        )
+
+    # -- one step -------------------------------------------------------------
+
+    def conditioning(self, prompts: list[str]) -> dict[str, jax.Array]:
+        """Per-process prompts -> global, batch-sharded cond pytree ``[B, ...]``."""
+        txt, txt_ids, pooled = self.pipe.encode_prompt(prompts)
+        cond = self.pipe.conditioning(
+            txt, txt_ids, pooled, self.config.train.height, self.config.train.width,
+            self.config.train.get("guidance_scale"),
+        )
+        g = self.config.train.group_size
+        local = jax.tree.map(lambda a: np.repeat(np.asarray(a), g, axis=0), cond)
+        return sharding.from_process_local(local, self.mesh)
+
+    def local_rows(self, array: jax.Array) -> np.ndarray:
+        """This process's rows of a batch-sharded global array, as NumPy."""
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() == 1:
+            return np.asarray(array)
+        return np.asarray(
+            multihost_utils.global_array_to_host_local_array(array, self.mesh, sharding.P(sharding.BATCH_AXES))
+        )
+
+    def step(self, step: int) -> dict[str, Any]:
+        """Runs update number ``step + 1`` and returns its metrics (host floats)."""
+        t0 = time.perf_counter()
+        cfg = self.config.train
+        g = cfg.group_size
+        key = jax.random.fold_in(self.root_key, step)
+        k_sample, k_train = jax.random.split(key)
+        batch_prompts = self.stream.batch_at(step)
+        prompts = list(batch_prompts.prompts)
+        cond = self.conditioning(prompts)
+        traj = sampling.sample_trajectory(
+            self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape
+        )
+        images = self.decode(self.vae_params, traj.latents[:, -1])
+        local_images = self.local_rows(images)
+        local_images = local_images.reshape(self.local_prompts, g, *local_images.shape[1:])
+        t_reward = time.perf_counter()
+        out = self.reward(prompts, local_images)
+        reward_time = time.perf_counter() - t_reward
+        adv_local = np.asarray(out.advantages, np.float32).reshape(-1)
+        advantages = sharding.from_process_local(adv_local, self.mesh)
+        batch = grpo.rollout_batch(traj, advantages, cond)
+        self.state, metrics = self.train_step(self.state, batch, k_train, self.ref_params)
+        metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+        # Reward statistics over all processes' groups.
+        rewards_all = {
+            k: sharding.to_host(sharding.from_process_local(np.asarray(v, np.float32).reshape(-1), self.mesh))
+            for k, v in out.rewards.items()
+        }
+        adv_all = sharding.to_host(advantages).reshape(-1, g)
+        primary = self.config.reward.get("monitor") or max(
+            self.reward.weights, key=lambda k: self.reward.weights[k]
+        )
+        r = rewards_all[primary].reshape(-1, g)
+        metrics.update({
+            "reward_mean": float(r.mean()),
+            "reward_std": float(r.std()),
+            "reward_group_std": float(r.std(axis=1).mean()),
+            "adv_mean": float(adv_all.mean()),
+            "adv_std": float(adv_all.std()),
+            "adv_abs_max": float(np.abs(adv_all).max()),
+            "learning_rate": float(self.config.optim.learning_rate),
+            "epoch": int(batch_prompts.epochs[-1]),
+        })
+        for name, values in rewards_all.items():
+            metrics[f"reward/{name}_mean"] = float(values.mean())
+        for name, value in out.diagnostics.items():
+            if not name.endswith("time_s"):
+                metrics[f"reward/{name}"] = float(value)
+        elapsed = time.perf_counter() - t0
+        metrics["reward_time_s"] = reward_time
+        metrics["step_time_s"] = elapsed
+        metrics["samples_per_s"] = cfg.prompts_per_step * g / elapsed
+        self._last_images = (prompts, local_images)
+        return metrics
+
+    # -- the loop -------------------------------------------------------------
+
+    def restore(self) -> int:
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return 0
+        self.state, meta = self.checkpointer.restore(self.state)
+        if meta.get("seed") != self.config.seed:
+            raise config_lib.ConfigError(
+                f"config.seed={self.config.seed} but the checkpoint in {self.checkpointer.directory} "
+                f"was written with seed {meta.get('seed')}: use a new --workdir or the same seed"
+            )
+        log.info("resumed from checkpoint at step %d", latest)
+        return int(latest)
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "seed": self.config.seed,
+            "data_position": self.stream.position_at(step),
+            "reference_params": (
+                f"initial weights of {self.config.model.path} (not stored)" if self.ref_params is not None else None
+            ),
+            "config": self.config.to_dict(),
+        }
+
+    def run(self) -> None:
+        cfg = self.config
+        if self.is_chief:
+            print(self.summary, flush=True)
+        start = self.restore()
+        logger = MetricsLogger(self.workdir, enabled=self.is_chief, truncate_after=start)
+        nonfinite_streak = 0
+        t_start = time.perf_counter()
+        try:
+            with checkpoint.PreemptionFlag() as preempt:
+                for step in range(start, cfg.total_steps):
+                    metrics = self.step(step)
+                    done = step + 1
+                    metrics["step"] = done
+                    nonfinite_streak = nonfinite_streak + 1 if metrics["skipped_nonfinite"] else 0
+                    metrics["nonfinite_total"] = float(self.state["opt_state"].total_notfinite)
+                    if metrics["skipped_nonfinite"]:
+                        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                                    done, nonfinite_streak)
+                    if done % cfg.log_every == 0 or done == cfg.total_steps:
+                        logger.write(done, metrics)
+                    if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.total_steps) and self.is_chief:
+                        prompts, imgs = self._last_images
+                        save_image_grid(self.workdir / "images" / f"step_{done:06d}.png", imgs, prompts)
+                    stop = checkpoint.any_process(preempt.requested)
+                    self.checkpointer.save(done, self.state, self.meta(done), force=stop or done == cfg.total_steps)
+                    if self.is_chief:
+                        _progress(done, cfg.total_steps, start, t_start, metrics)
+                    if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
+                        raise NonFiniteError(
+                            f"{nonfinite_streak} consecutive steps had non-finite losses/gradients "
+                            f"(limit config.train.max_consecutive_nonfinite="
+                            f"{cfg.train.max_consecutive_nonfinite}); lower optim.learning_rate or check "
+                            "the reward. The last good checkpoint is in "
+                            f"{self.checkpointer.directory}"
+                        )
+                    if stop:
+                        log.warning("stopping after step %d on preemption signal (checkpoint saved)", done)
+                        return
+        finally:
+            logger.close()
+            self.checkpointer.close()
+
+
+def _progress(done: int, total: int, start: int, t_start: float, metrics: dict[str, Any]) -> None:
+    elapsed = time.perf_counter() - t_start
+    per_step = elapsed / max(1, done - start)
+    eta = per_step * (total - done)
+    width = 24
+    filled = int(width * done / total)
+    bar = "#" * filled + "-" * (width - filled)
+    print(
+        f"[{bar}] {done}/{total} | loss {metrics['loss']:+.4g} | reward {metrics['reward_mean']:.4f} "
+        f"| clip {metrics['clip_fraction']:.3f} | {per_step:.2f} s/step | ETA {_hms(eta)}",
+        file=sys.stdout, flush=True,
+    )
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    Trainer(config, workdir).run()
+
+
+__all__ = ["NonFiniteError", "TIMING_KEYS", "Trainer", "train"]

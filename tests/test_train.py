@@ -1,0 +1,176 @@
+"""The training program: validation messages, end to end, exact resume, sharding."""
+
+import importlib.util
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prefgrpo_jax import config as config_lib
+from prefgrpo_jax.train import TIMING_KEYS
+from train_helpers import REPO, env, main_command, metrics, run_main, write_test_config
+
+
+def load_tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture
+def tiny_config(tiny_flux_dir):
+    """configs/tiny.py pointed at the fixture pipeline (valid as it stands)."""
+
+    def make():
+        c = load_tiny_config()
+        c.model.path = str(tiny_flux_dir)
+        return c
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from pipeline_fixture import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cfg")
+    return write_test_config(d / "config.py", tiny_flux_dir, clip_dir, d / "prompts.txt")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.group_size", 1, "config.train.group_size=1: must be an integer >= 2"),
+        ("train.clip_range", 0.0, "config.train.clip_range=0.0: must be > 0"),
+        ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5: must be in (0, 1]"),
+        ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0: must be in (0, 1]"),
+        ("train.step_mode", "ddim", "config.train.step_mode='ddim': must be one of ('flow', 'dance')"),
+        ("train.num_steps", 1, "config.train.num_steps=1: must be an integer >= 2"),
+        ("train.height", 30, "config.train.height=30: must be a positive multiple of 16"),
+        ("train.timestep_chunk", 4, "config.train.timestep_chunk=4: must divide the 5 trained timesteps"),
+        ("model.path", "/nonexistent/flux", "config.model.path='/nonexistent/flux': must be a local diffusers-format FLUX directory"),
+        ("model.dtype", "float16", "config.model.dtype='float16': must be one of ('float32', 'bfloat16')"),
+        ("total_steps", 0, "config.total_steps=0: must be an integer >= 1"),
+        ("checkpoint_every", 0, "config.checkpoint_every=0: must be an integer >= 1 (steps)"),
+        ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0: must be > 0"),
+        ("mesh.fsdp", 0, "config.mesh.fsdp=0: must be a positive integer or -1"),
+        ("reward.monitor", "clip", "config.reward.monitor='clip': must be empty or one of the sources"),
+    ],
+)
+def test_validation_error_names_field_value_and_fix(tiny_config, field, value, message):
+    c = tiny_config()
+    section, _, name = field.rpartition(".")
+    (c[section] if section else c)[name] = value
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(c, num_devices=1)
+    assert message in str(err.value)
+
+
+def test_unknown_reward_and_batch_divisibility(tiny_config):
+    import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards)
+
+    c = tiny_config()
+    c.reward.spec = {"hps": 1.0}
+    c.reward.monitor = ""
+    with pytest.raises(config_lib.ConfigError, match=r"config.reward.spec=\{'hps': 1.0\}: .*unknown \['hps'\], known: \["):
+        config_lib.validate(c, num_devices=1)
+    c = tiny_config()
+    config_lib.validate(c, num_devices=1)  # the shipped tiny config is valid
+    c.train.prompts_per_step = 3
+    c.train.group_size = 2
+    c.mesh.fsdp = -1
+    with pytest.raises(config_lib.ConfigError, match="prompts_per_step x group_size = 6 must be divisible by the data-parallel size 4"):
+        config_lib.validate(c, num_devices=4)
+    c = tiny_config()
+    c.mesh.data = 3
+    with pytest.raises(config_lib.ConfigError, match=r"2 devices are not divisible by the fixed axes"):
+        config_lib.validate(c, num_devices=2)
+    c.mesh.fsdp = 1
+    with pytest.raises(config_lib.ConfigError, match="needs 3 devices, but 2 are available"):
+        config_lib.validate(c, num_devices=2)
+    # Several problems are reported together.
+    c = tiny_config()
+    c.train.group_size = 1
+    c.train.clip_range = -1.0
+    with pytest.raises(config_lib.ConfigError, match="2 invalid config field"):
+        config_lib.validate(c, num_devices=1)
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.slow
+def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path):
+    full = tmp_path / "full"
+    proc = run_main(test_config, full)
+    assert "memory estimate per device" in proc.stdout and "ETA" in proc.stdout
+    rows = metrics(full)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for key in ("loss", "reward_mean", "grad_norm", "clip_fraction", "approx_kl", "ratio_mean", "step_time_s"):
+            assert key in r and np.isfinite(r[key]), key
+    assert any(r["grad_norm"] > 0 for r in rows)
+    assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (full / "images").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    assert {p.name for p in (full / "checkpoints").iterdir() if p.name.isdigit()} >= {"2", "4"}
+
+    # Same command, killed with SIGKILL once the step-2 checkpoint exists, then rerun.
+    resumed = tmp_path / "resumed"
+    killed = subprocess.Popen(main_command(test_config, resumed), cwd=REPO, env=env(1),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (resumed / "checkpoints" / "2").is_dir():
+        assert killed.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (resumed / "metrics.jsonl").exists()
+    proc = run_main(test_config, resumed)
+    assert "resumed from checkpoint" in proc.stderr
+    assert comparable(metrics(resumed)) == comparable(rows)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_stops(test_config, tmp_path):
+    work = tmp_path / "term"
+    proc = subprocess.Popen(main_command(test_config, work, "--config.checkpoint_every=100"), cwd=REPO,
+                            env=env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    steps = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) < 4, "a preempted run must checkpoint where it stopped"
+    assert "preemption signal" in stderr
+
+
+@pytest.mark.slow
+def test_eight_simulated_devices_match_one(test_config, tmp_path):
+    one = tmp_path / "one"
+    eight = tmp_path / "eight"
+    overrides = ("--config.total_steps=2", "--config.image_every=0")
+    run_main(test_config, one, *overrides, devices=1)
+    proc = run_main(test_config, eight, *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                    "--config.sharding.fsdp_min_size=64", devices=8)
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in proc.stdout
+    a, b = comparable(metrics(one)), comparable(metrics(eight))
+    assert len(a) == len(b) == 2
+    # Sharded reductions reorder float sums: agreement to 1e-4 relative, 1e-6 absolute.
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
