@@ -117,6 +117,15 @@ def from_process_local(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
+def allgather_host(x: np.ndarray) -> np.ndarray:
+    """Concatenates every process's host array along axis 0 (in process order)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
 def to_host(tree: Any) -> Any:
     """Fully replicated/addressable copies as NumPy (gathers across processes)."""
     from jax.experimental import multihost_utils

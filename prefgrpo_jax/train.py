@@ -80,7 +80,15 @@ def prompt_source(config: ml_collections.ConfigDict, workdir: Path) -> data.Deco
             f"config.data.prompts={str(path)!r} does not exist: give a .txt (one prompt per "
             "line) or .jsonl file with a 'prompt' field"
         )
-    return data.load_prompts(path, workdir / "tfds")
+    if jax.process_count() == 1:
+        return data.load_prompts(path, workdir / "tfds")
+    # One writer: process 0 prepares the array_record files, the others read them.
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        data.load_prompts(path, workdir / "tfds")
+    multihost_utils.sync_global_devices("prompts prepared")
+    return data.load_prompts(path, workdir / "tfds", prepare=False)
 
 
 def _param_count(tree: Any) -> int:
@@ -232,23 +240,23 @@ class Trainer:
         local_images = self.local_rows(images)
         local_images = local_images.reshape(self.local_prompts, g, *local_images.shape[1:])
         t_reward = time.perf_counter()
-        out = self.reward(prompts, local_images)
+        # Each process judges its own groups; the small outputs (scores or P) are
+        # gathered so advantages and diagnostics are computed on the global batch
+        # identically everywhere, then each process keeps its rows.
+        local_outputs = {name: src(prompts, local_images) for name, src in self.reward.sources.items()}
         reward_time = time.perf_counter() - t_reward
-        adv_local = np.asarray(out.advantages, np.float32).reshape(-1)
-        advantages = sharding.from_process_local(adv_local, self.mesh)
+        outputs = {name: sharding.allgather_host(v) for name, v in local_outputs.items()}
+        out = self.reward.from_outputs(outputs)
+        adv_all = np.asarray(out.advantages, np.float32)
+        rows = slice(jax.process_index() * self.local_prompts, (jax.process_index() + 1) * self.local_prompts)
+        advantages = sharding.from_process_local(adv_all[rows].reshape(-1), self.mesh)
         batch = grpo.rollout_batch(traj, advantages, cond)
         self.state, metrics = self.train_step(self.state, batch, k_train, self.ref_params)
         metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
-        # Reward statistics over all processes' groups.
-        rewards_all = {
-            k: sharding.to_host(sharding.from_process_local(np.asarray(v, np.float32).reshape(-1), self.mesh))
-            for k, v in out.rewards.items()
-        }
-        adv_all = sharding.to_host(advantages).reshape(-1, g)
         primary = self.config.reward.get("monitor") or max(
             self.reward.weights, key=lambda k: self.reward.weights[k]
         )
-        r = rewards_all[primary].reshape(-1, g)
+        r = np.asarray(out.rewards[primary])
         metrics.update({
             "reward_mean": float(r.mean()),
             "reward_std": float(r.std()),
@@ -259,11 +267,8 @@ class Trainer:
             "learning_rate": float(self.config.optim.learning_rate),
             "epoch": int(batch_prompts.epochs[-1]),
         })
-        for name, values in rewards_all.items():
-            metrics[f"reward/{name}_mean"] = float(values.mean())
         for name, value in out.diagnostics.items():
-            if not name.endswith("time_s"):
-                metrics[f"reward/{name}"] = float(value)
+            metrics[f"reward/{name}"] = float(value)
         elapsed = time.perf_counter() - t0
         metrics["reward_time_s"] = reward_time
         metrics["step_time_s"] = elapsed

@@ -174,3 +174,44 @@ def test_eight_simulated_devices_match_one(test_config, tmp_path):
         assert ra.keys() == rb.keys()
         for k in ra:
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_match_one_process(test_config, tmp_path):
+    overrides = ("--config.total_steps=2", "--config.image_every=0")
+    single = tmp_path / "single"
+    run_main(test_config, single, *overrides, devices=2)
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            main_command(
+                test_config, multi, *overrides, "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                "--config.distributed.cpu_collectives=True",
+            ),
+            cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert "2 process(es)" in outputs[0][0]
+    assert "memory estimate" not in outputs[1][0] and "ETA" not in outputs[1][0], \
+        "only process 0 prints the summary and progress"
+    a, b = comparable(metrics(single)), comparable(metrics(multi))
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
