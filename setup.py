@@ -18,7 +18,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["prefgrpo_jax", "prefgrpo_jax.*"]),
-    include_package_data=True,
+    # The toy world's pretrained pipeline and prompts ship inside the package.
+    package_data={"prefgrpo_jax": ["toyworld/assets/*", "toyworld/assets/**/*"]},
     install_requires=REQUIREMENTS,
     extras_require={
         # torch 2.13.0 is pinned: that release resolves to a CPU build here, newer

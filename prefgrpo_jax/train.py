@@ -341,9 +341,23 @@ class Trainer:
                     if stop:
                         log.warning("stopping after step %d on preemption signal (checkpoint saved)", done)
                         return
+            self.export_final()
         finally:
             logger.close()
             self.checkpointer.close()
+
+
+    def export_final(self) -> Path:
+        """The trained transformer as a diffusers directory (drop-in ``transformer/``)."""
+        from prefgrpo_jax import export
+
+        graphdef, _ = nnx.split(self.pipe.transformer)
+        model = nnx.merge(graphdef, self.state["params"])
+        out = self.workdir / "export" / "transformer"
+        export.save_transformer(model, out)
+        if self.is_chief:
+            print(f"exported the trained transformer (diffusers format) to {out}", flush=True)
+        return out
 
 
 def _progress(done: int, total: int, start: int, t_start: float, metrics: dict[str, Any]) -> None:

@@ -123,6 +123,11 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (full / "images").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     assert {p.name for p in (full / "checkpoints").iterdir() if p.name.isdigit()} >= {"2", "4"}
+    # The trained transformer is exported in diffusers format and loads back.
+    from prefgrpo_jax.models import flux
+
+    exported = flux.load_diffusers(full / "export" / "transformer")
+    assert exported.cfg.hidden_size == 32
 
     # Same command, killed with SIGKILL once the step-2 checkpoint exists, then rerun.
     resumed = tmp_path / "resumed"
