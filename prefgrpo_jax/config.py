@@ -208,6 +208,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = 0
     c.distributed.cpu_collectives = False
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.judge = "toy_verifier"
+    c.eval.prompts_per_dimension = 20
+    c.eval.images_per_prompt = 1
+    c.eval.num_steps = 20
+    c.eval.batch_size = 20
+    c.eval.seed = 1234
+
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ["a photo of a cat holding a sign that says hello world"]
     c.sample.images_per_prompt = 4

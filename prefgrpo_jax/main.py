@@ -1,8 +1,9 @@
 """Entrypoint: ``python -m prefgrpo_jax.main --config=configs/tiny.py --workdir=/tmp/run``.
 
 Modes: ``train`` (default; re-running with the same --workdir resumes from the
-latest checkpoint) and ``sample`` (images for prompts from the latest
-checkpoint, or the base weights when there is none).
+latest checkpoint), ``sample`` (images for prompts from the latest checkpoint,
+or the base weights when there is none) and ``eval`` (per-dimension scores on
+the held-out prompt set).
 """
 
 from absl import app, flags, logging
@@ -10,7 +11,7 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard and images.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -23,13 +24,15 @@ def main(argv):
     # Before anything touches a JAX backend.
     sharding.initialize_distributed(config.distributed)
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the toy verifier rewards)
-    from prefgrpo_jax import sample, train
+    from prefgrpo_jax import evaluate, sample, train
 
     logging.set_verbosity(logging.INFO)
     if FLAGS.mode == "train":
         train.train(config, FLAGS.workdir)
-    else:
+    elif FLAGS.mode == "sample":
         sample.sample(config, FLAGS.workdir)
+    else:
+        evaluate.evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
