@@ -200,6 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.sharding = ml_collections.ConfigDict()
     c.sharding.fsdp_min_size = 2**14
+    # [(regex over parameter paths, per-dimension mesh axes)], first match wins;
+    # e.g. [("single_blocks/linear1/kernel", (None, "fsdp", "tensor"))].
+    c.sharding.rules = []
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False

@@ -10,14 +10,20 @@ sharded FSDP-style over "fsdp" by a rule set from the config:
 This size-based rule (big_vision's "fsdp" strategy) needs no per-parameter
 annotations, so it applies unchanged to the transformer, reward models and
 optimizer moments, and to checkpoints converted from diffusers or BFL files.
-The "tensor" axis is reserved for a later tensor-parallel layout: with
-``mesh.tensor > 1`` parameters are *replicated* over it (correct but not
-memory-saving), and start-up says so.
+
+``sharding.rules`` (a list of ``(regex, spec)``) overrides it per tensor: the
+first regex that *searches* the tensor's path (``double_blocks/img_attn/qkv/
+kernel``; optimizer moments contain their parameter's path) gives its spec, a
+tuple of mesh axis names or None per dimension (e.g. ``(None, None, "tensor")``
+for column-parallel stacked kernels). Tensors no rule names fall back to FSDP;
+with ``mesh.tensor > 1`` and no rules, parameters are replicated over "tensor"
+and start-up says so.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,15 +97,55 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     return P()
 
 
-def param_shardings(tree: Any, mesh: Mesh, *, min_size: int = 2**14) -> Any:
+def path_string(path: tuple) -> str:
+    """``jax.tree_util`` key path -> ``a/b/0/kernel``."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def partition_spec(
+    path: str, shape: tuple[int, ...], mesh_sizes: dict[str, int], *, min_size: int,
+    rules: Sequence[tuple[str, Sequence[str | None]]] = (),
+) -> P:
+    """The PartitionSpec of one tensor: the first matching rule, else FSDP-by-size."""
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            spec = tuple(spec)
+            if len(spec) != len(shape):
+                raise ValueError(
+                    f"config.sharding.rules: {pattern!r} gives {spec} for {path} of shape {shape} "
+                    "(one entry per dimension)"
+                )
+            for dim, axis in zip(shape, spec):
+                if axis is not None and dim % mesh_sizes[axis]:
+                    raise ValueError(
+                        f"config.sharding.rules: {pattern!r} splits {path} {shape} over {axis!r} "
+                        f"(size {mesh_sizes[axis]}), which does not divide {dim}"
+                    )
+            return P(*spec)
+    return fsdp_spec(shape, mesh_sizes["fsdp"], min_size)
+
+
+def param_shardings(
+    tree: Any, mesh: Mesh, *, min_size: int = 2**14,
+    rules: Sequence[tuple[str, Sequence[str | None]]] = (),
+) -> Any:
     """NamedShardings for a pytree of arrays (params or optimizer state)."""
-    fsdp = mesh.shape["fsdp"]
+    sizes = dict(mesh.shape)
 
-    def one(leaf):
+    def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, fsdp_spec(shape, fsdp, min_size))
+        spec = partition_spec(path_string(path), shape, sizes, min_size=min_size, rules=rules)
+        return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:

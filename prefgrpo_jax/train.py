@@ -116,8 +116,8 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
         f"memory estimate per device (params + optimizer / fsdp {fsdp} + frozen, no activations): "
         f"{per_device / 2**30:.3f} GiB"
     )
-    if mesh.shape["tensor"] > 1:
-        lines.append("note: mesh.tensor > 1 replicates parameters over 'tensor' (no tensor parallelism yet)")
+    if mesh.shape["tensor"] > 1 and not config.get("sharding", {}).get("rules"):
+        lines.append("note: mesh.tensor > 1 without sharding.rules replicates parameters over 'tensor'")
     t = config.train
     lines.append(
         f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "
@@ -154,14 +154,17 @@ class Trainer:
         # Trainable params in fp32 (master weights) whatever the frozen parts use.
         params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
         state = grpo.init_train_state(params, self.optimizer)
-        min_size = int(config.get("sharding", {}).get("fsdp_min_size", 2**14))
-        self.state_shardings = sharding.param_shardings(state, self.mesh, min_size=min_size)
+        shard_cfg = config.get("sharding", {})
+        min_size = int(shard_cfg.get("fsdp_min_size", 2**14))
+        rules = [tuple(r) for r in shard_cfg.get("rules", ())]
+        self.state_shardings = sharding.param_shardings(state, self.mesh, min_size=min_size, rules=rules)
         self.state = jax.device_put(state, self.state_shardings)
         self.ref_params = None
         if t.kl_beta > 0:
             # Frozen reference = the initial weights; a separate buffer (the state is donated).
             self.ref_params = jax.device_put(
-                jax.tree.map(jnp.copy, params), sharding.param_shardings(params, self.mesh, min_size=min_size)
+                jax.tree.map(jnp.copy, params),
+                sharding.param_shardings(params, self.mesh, min_size=min_size, rules=rules),
             )
         repl = sharding.replicated(self.mesh)
         self.train_step = grpo.make_train_step(
