@@ -402,16 +402,20 @@ _SHARDED_SCRIPT = textwrap.dedent("""
              ("pairwise", AxisType.Auto, "data", None),
              ("pairwise", AxisType.Explicit, None, "img"),
              ("pointwise", AxisType.Auto, "data", "img")]
-    for kind, types, ga, ia in cases:
-        cfg = pw.RewardModelConfig(kind=kind, hidden=16, toy=pw.ToyBackboneConfig(
+    rng = np.random.default_rng(0)
+    n, g = 4, 6
+    ids = rng.integers(0, 20, (n, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    imgs = rng.uniform(size=(n, g, 8, 8, 3)).astype(np.float32)
+    models = {}
+    for kind in ("pairwise", "pointwise"):
+        cfg = pw.RewardModelConfig(kind=kind, hidden=16, depth=1, toy=pw.ToyBackboneConfig(
             vocab_size=20, channels=(8,), embed_dim=8, feature_dim=16, bigram_buckets=8))
         fns, params = pw.split_reward_model(pw.build_reward_model(cfg))
-        rng = np.random.default_rng(0)
-        n, g = 4, 6
-        ids = rng.integers(0, 20, (n, 5)).astype(np.int32)
-        mask = np.ones_like(ids)
-        imgs = rng.uniform(size=(n, g, 8, 8, 3)).astype(np.float32)
-        ref = np.asarray(jax.jit(fns.group_reward)(params, ids, mask, imgs))
+        models[kind] = fns, params, np.asarray(jax.jit(fns.group_reward)(params, ids, mask,
+                                                                          imgs))
+    for kind, types, ga, ia in cases:
+        fns, params, ref = models[kind]
         mesh = jax.make_mesh((2, 2), ("data", "img"), axis_types=(types, types))
         sc = pw.make_sharded_group_scorer(fns, mesh, group_axis=ga, image_axis=ia)
         compiled = sc.lower(params, ids, mask, imgs).compile()
