@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_tokenizers import save_clip_tokenizer, save_t5_tokenizer
+from prefgrpo_jax.toyworld.tokenizers import save_clip_tokenizer, save_t5_tokenizer
 
 CLIP_VOCAB = 1000
 T5_VOCAB = 600

@@ -26,7 +26,7 @@ from test_text_encoders import (
     randomize_,
     rewrite_checkpoint,
 )
-from tiny_tokenizers import save_clip_tokenizer
+from prefgrpo_jax.toyworld.tokenizers import save_clip_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

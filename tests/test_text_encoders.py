@@ -2,7 +2,7 @@
 
 Tiny random fp32 models (layer norms randomised too), saved with
 ``save_pretrained`` and loaded through our checked loaders; token ids come from
-the tiny tokenizers of ``tiny_tokenizers.py`` with padding. Error bound for
+the tiny tokenizers of ``prefgrpo_jax.toyworld.tokenizers`` with padding. Error bound for
 every parity check: max |ours - torch| <= 1e-4 * max |torch|.
 """
 
@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from prefgrpo_jax.convert import WeightMismatchError
 from prefgrpo_jax.models import text_encoders as te
-from tiny_tokenizers import save_clip_tokenizer, save_t5_tokenizer
+from prefgrpo_jax.toyworld.tokenizers import save_clip_tokenizer, save_t5_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
