@@ -41,12 +41,14 @@ CLIPS = {
                    projection_dim=256, image_hw=256, text_len=77),
 }
 SIZES = {
-    "tiny": dict(clip="tiny", groups=[4, 8], reps=2, per_pair_max_group=8),
-    "medium": dict(clip="medium", groups=[4, 8, 16, 32], reps=2, per_pair_max_group=32),
+    "tiny": dict(clip="tiny", groups=[4, 8], reps=2, naive_reps=1, per_pair_max_group=8),
+    "medium": dict(clip="medium", groups=[4, 8, 16, 32], reps=3, naive_reps=1,
+                   per_pair_max_group=32),
 }
 
 
-def worker(clip: str, groups: list[int], reps: int, per_pair_max_group: int) -> dict[str, Any]:
+def worker(clip: str, groups: list[int], reps: int, naive_reps: int,
+           per_pair_max_group: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -93,7 +95,7 @@ def worker(clip: str, groups: list[int], reps: int, per_pair_max_group: int) -> 
         t = time.perf_counter()
         Pn = jax.block_until_ready(naive(params, pid, pmask, a, b))
         r["naive_batched"] = bc.timed(lambda: jax.block_until_ready(
-            naive(params, pid, pmask, a, b)), reps=reps)
+            naive(params, pid, pmask, a, b)), reps=naive_reps)
         r["naive_batched"]["first_call_total_s"] = time.perf_counter() - t
         r["max_abs_diff_naive_vs_vectorised"] = float(
             jnp.max(jnp.abs(Pn - P[0, ii, jj])))
@@ -104,7 +106,7 @@ def worker(clip: str, groups: list[int], reps: int, per_pair_max_group: int) -> 
             def per_pair():
                 res = [naive(params, ids1, mask1, x, y) for x, y in singles]
                 return jax.block_until_ready(res)
-            r["naive_per_pair"] = bc.timed(per_pair, reps=1)
+            r["naive_per_pair"] = bc.timed(per_pair, reps=naive_reps)
         for name in ("vectorised", "naive_batched", "naive_per_pair"):
             if name in r:
                 r[name]["pairs_per_s"] = n_pairs / r[name]["steady_s"]
@@ -119,6 +121,7 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
     s = {**SIZES[size], **(overrides or {})}
     r = bc.run_worker("experiments.bench_pairs:worker",
                       dict(clip=s["clip"], groups=s["groups"], reps=s["reps"],
+                           naive_reps=s["naive_reps"],
                            per_pair_max_group=s["per_pair_max_group"]), threads=threads)
     rows = []
     for x in r["per_group"]:

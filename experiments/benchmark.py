@@ -4,6 +4,7 @@ Usage::
 
     python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
+    python -m experiments.benchmark profile [--size ...]
 
 Each benchmark writes ``<out>/<name>.json`` (all numbers, machine, versions,
 thread settings, load average, the command) and ``<out>/<name>.md`` (tables).
@@ -21,6 +22,9 @@ Every framework measurement runs in its own subprocess (see ``bench_common``).
 * memory: compiled memory analysis and measured peak RSS of a train step with
   and without remat at two model sizes; largest group that fits a budget.
 * scaling: sampling on 1, 2, 4, 8 simulated CPU devices (weak scaling).
+
+``profile`` (not part of ``all``) is a diagnostic behind those numbers: per-op
+time of one FLUX forward and forward+backward in both frameworks.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("benchmark", choices=(*BENCHMARKS, "all"))
+    parser.add_argument("benchmark", choices=(*BENCHMARKS, "all", "profile"),
+                        help="one benchmark, all six, or 'profile' (a diagnostic: per-op "
+                             "time of a forward / forward+backward, JAX vs PyTorch)")
     parser.add_argument("--size", choices=("tiny", "medium"), default="medium",
                         help="problem size (tiny: smoke test, seconds; medium: the default)")
     parser.add_argument("--out", default="experiments/results", help="results directory")

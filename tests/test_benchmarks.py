@@ -135,3 +135,13 @@ def test_flop_counter_matches_analytic():
     assert counted["dot_flops"] == pytest.approx(analytic["total"], rel=1e-9)
     n = sum(int(a.size) for a in jax.tree.leaves(params))
     assert n == bench_common.count_params(prob.model_kwargs())
+
+
+def test_profile(tmp_path):
+    rc = benchmark.main(["profile", "--size", "tiny", "--out", str(tmp_path), "--threads", "1"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "profile.json").read_text())
+    for fw in ("jax", "torch"):
+        assert _finite_positive(doc[fw]["fwd_s"]) and _finite_positive(doc[fw]["fwd_bwd_s"])
+    assert doc["jax"]["top_ops"] and doc["torch"]["forward_top_ops"]
+    assert _finite_positive(doc["gemm_fp32"]["jax_gflops"])

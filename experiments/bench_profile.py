@@ -1,0 +1,198 @@
+"""Where the time goes: one FLUX forward and forward+backward, JAX vs PyTorch.
+
+Not one of the six benchmarks (``all`` skips it): a diagnostic behind their
+numbers. At the medium size, batch B (the GRPO micro-batch), it times
+
+* JAX: jitted forward, jitted ``value_and_grad`` of a scalar of the velocity;
+* PyTorch: forward under ``no_grad``, forward + ``backward()``;
+
+then profiles the JAX forward+backward with ``jax.profiler`` (a perfetto trace
+of the XLA CPU thunks, aggregated per HLO op and per op kind, each op joined to
+its HLO line) and the PyTorch forward with ``torch.profiler`` (per aten op).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from typing import Any
+
+from experiments import bench_common as bc
+
+SIZES = {
+    "tiny": dict(problem="tiny", batch=2, reps=2, top=10),
+    "medium": dict(problem="medium", batch=8, reps=3, top=16),
+}
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    prob = bc.Problem.from_json(problem)
+    m = prob.model_kwargs()
+    L, C = prob.num_img_tokens, m["in_channels"]
+    fwd_flops = bc.forward_flops(m, batch, L, prob.text_len)["total"]
+    cond_np = bc.make_cond_np(prob, batch)
+
+    # --- JAX.
+    graphdef, params = bc.jax_init_flux(prob)
+    vf = bc.jax_velocity_fn(graphdef)
+    cond = bc.jax_cond(cond_np)
+    x = jax.random.normal(jax.random.key(0), (batch, L, C))
+    t = jnp.full((batch,), 0.5)
+    fwd = jax.jit(vf)
+    grad = jax.jit(jax.value_and_grad(lambda p: jnp.mean(vf(p, x, t, cond) ** 2)))
+    j_fwd = _best(lambda: fwd(params, x, t, cond).block_until_ready(), reps)
+    j_fb = _best(lambda: jax.block_until_ready(grad(params)), reps)
+
+    with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        for _ in range(reps):
+            jax.block_until_ready(grad(params))
+        jax.profiler.stop_trace()
+        files = sorted(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True))
+        events = json.load(gzip.open(files[-1]))["traceEvents"] if files else []
+    # HLO instructions by name; the trace also holds host-side events (dispatch,
+    # argument handling) and container ops (while / call) that include their
+    # bodies: only leaf HLO ops are counted.
+    hlo: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
+    for line in grad.lower(params).compile().as_text().splitlines():
+        mt = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]\S* (\w[\w\-]*)\(",
+                      line)
+        if mt:
+            name = mt.group(1)
+            shapes[name] = [int(d) for d in mt.group(3).split(",") if d]
+            hlo[name] = re.sub(r", metadata=.*", "", line.strip())[:220]
+            if mt.group(4) in ("while", "call", "conditional"):
+                hlo[name] = ""  # container: skip
+    per_op: collections.Counter = collections.Counter()
+    runs: collections.Counter = collections.Counter()  # executions per call (scan bodies)
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and hlo.get(name):
+            per_op[name] += e.get("dur", 0) / 1e6 / reps  # seconds per call
+            runs[name] += 1 / reps
+    kinds: collections.Counter = collections.Counter()
+    for name, sec in per_op.items():
+        kinds[re.sub(r"[.\d]+$", "", name)] += sec
+
+    def dot_gflop(name: str) -> float | None:
+        """GFLOP of a plain HLO ``dot`` (2 x output size x contracted size)."""
+        line = hlo[name]
+        md = re.search(r" dot\(%?([\w.\-]+), .*lhs_contracting_dims=\{([\d,]*)\}", line)
+        if not md or md.group(1) not in shapes:
+            return None
+        lhs = shapes[md.group(1)]
+        k = 1
+        for d in md.group(2).split(","):
+            k *= lhs[int(d)] if d else 1
+        out = 1
+        for d in shapes[name]:
+            out *= d
+        return 2.0 * out * k / 1e9
+    jax_top = []
+    for n, sec in per_op.most_common(top):
+        gf = dot_gflop(n)
+        jax_top.append({"op": n, "s_per_call": sec, "runs_per_call": runs[n], "hlo": hlo[n],
+                        "gflops": gf * runs[n] / sec if gf else None})
+
+    # --- PyTorch.
+    torch = bc.torch_setup(threads)
+    model = bc.torch_build_flux(prob).train()
+    ct = {k: torch.from_numpy(v) for k, v in cond_np.items()}
+    xt, tt = torch.from_numpy(jax.device_get(x)), torch.full((batch,), 0.5)
+
+    def t_fwd():
+        with torch.no_grad():
+            bc.torch_velocity(model, xt, tt, ct)
+
+    def t_fb():
+        (bc.torch_velocity(model, xt, tt, ct) ** 2).mean().backward()
+    p_fwd, p_fb = _best(t_fwd, reps), _best(t_fb, reps)
+
+    # Plain GEMM throughput of each framework's CPU kernels (same square fp32 matmul).
+    n = 2048 if prob.model != "tiny" else 512
+    a_j = jax.random.normal(jax.random.key(1), (n, n))
+    mm = jax.jit(jnp.dot)
+    a_t = torch.randn(n, n)
+    gemm = {"n": n,
+            "jax_gflops": 2 * n**3 / _best(lambda: mm(a_j, a_j).block_until_ready(), 5) / 1e9,
+            "torch_gflops": 2 * n**3 / _best(lambda: torch.mm(a_t, a_t), 5) / 1e9}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t_fwd()
+    torch_top = sorted(({"op": e.key, "s_per_call": e.self_cpu_time_total / 1e6,
+                         "calls": e.count} for e in prof.key_averages()),
+                       key=lambda r: -r["s_per_call"])[:top]
+    return {
+        "forward_gflop": fwd_flops / 1e9, "gemm_fp32": gemm,
+        "jax": {"fwd_s": j_fwd, "fwd_bwd_s": j_fb, "fwd_bwd_over_fwd": j_fb / j_fwd,
+                "fwd_gflops": fwd_flops / j_fwd / 1e9, "fwd_bwd_gflops": 3 * fwd_flops / j_fb / 1e9,
+                "profiled_s_per_call": sum(per_op.values()),
+                "by_kind": dict(kinds.most_common(12)), "top_ops": jax_top},
+        "torch": {"fwd_s": p_fwd, "fwd_bwd_s": p_fb, "fwd_bwd_over_fwd": p_fb / p_fwd,
+                  "fwd_gflops": fwd_flops / p_fwd / 1e9,
+                  "fwd_bwd_gflops": 3 * fwd_flops / p_fb / 1e9, "forward_top_ops": torch_top},
+    }
+
+
+def run(size: str, out_dir: str, threads: int, argv: list[str],
+        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    started, load0 = time.time(), bc.loadavg()
+    s = {**SIZES[size], **(overrides or {})}
+    prob = bc.PROBLEMS[s["problem"]]
+    r = bc.run_worker("experiments.bench_profile:worker",
+                      dict(problem=prob.to_json(), batch=s["batch"], reps=s["reps"],
+                           top=s["top"], threads=threads), threads=threads)
+    payload = {"config": {"size": size, **s, "model": prob.describe(), "dtype": "float32"},
+               "threads": bc.thread_settings_doc(threads), **r}
+    j, t = r["jax"], r["torch"]
+    md = [
+        f"One FLUX forward and forward+backward (gradient of mean(v^2) w.r.t. all params), "
+        f"model `{prob.model}`, batch {s['batch']}, {r['forward_gflop']:.2f} GFLOP per "
+        f"forward, fp32, {threads} threads; best of {s['reps']}.\n",
+        bc.md_table(["framework", "fwd s", "fwd+bwd s", "(fwd+bwd)/fwd", "fwd GFLOP/s",
+                     "fwd+bwd GFLOP/s (3x fwd FLOPs)"],
+                    [["jax (jit)", j["fwd_s"], j["fwd_bwd_s"], j["fwd_bwd_over_fwd"],
+                      j["fwd_gflops"], j["fwd_bwd_gflops"]],
+                     ["torch (eager)", t["fwd_s"], t["fwd_bwd_s"], t["fwd_bwd_over_fwd"],
+                      t["fwd_gflops"], t["fwd_bwd_gflops"]]]),
+        "",
+        f"Square fp32 GEMM {r['gemm_fp32']['n']}^2 (best of 5): jnp.dot "
+        f"{r['gemm_fp32']['jax_gflops']:.1f} GFLOP/s, torch.mm "
+        f"{r['gemm_fp32']['torch_gflops']:.1f} GFLOP/s.",
+        "",
+        f"JAX forward+backward by XLA op kind (s per call; profiled total "
+        f"{j['profiled_s_per_call']:.3f} s):\n",
+        bc.md_table(["op kind", "s / call", "share"],
+                    [[k, v, f"{100 * v / j['profiled_s_per_call']:.1f}%"]
+                     for k, v in j["by_kind"].items()]),
+        "",
+        "Top JAX ops (forward+backward):\n",
+        bc.md_table(["op", "s / call", "runs / call", "GFLOP/s (plain dots)", "HLO"],
+                    [[o["op"], o["s_per_call"], round(o["runs_per_call"]), o["gflops"],
+                      "`" + o["hlo"].replace("|", "/") + "`"] for o in j["top_ops"]]),
+        "",
+        "Top PyTorch ops (forward, self CPU time):\n",
+        bc.md_table(["aten op", "s", "calls"],
+                    [[o["op"], o["s_per_call"], o["calls"]] for o in t["forward_top_ops"]]),
+    ]
+    bc.write_results("profile", out_dir, payload, "\n".join(md), started=started,
+                     load_before=load0, argv=argv)
+    return payload
