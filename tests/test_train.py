@@ -109,6 +109,17 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+def assert_same_metrics(rows_a, rows_b, steps):
+    """Every non-timing metric agrees; sharded reductions reorder float sums, so
+    agreement is to 1e-4 relative, 1e-6 absolute."""
+    a, b = comparable(rows_a), comparable(rows_b)
+    assert len(a) == len(b) == steps
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.slow
 def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path):
     full = tmp_path / "full"
@@ -172,13 +183,7 @@ def test_eight_simulated_devices_match_one(test_config, tmp_path):
     proc = run_main(test_config, eight, *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
                     "--config.sharding.fsdp_min_size=64", devices=8)
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in proc.stdout
-    a, b = comparable(metrics(one)), comparable(metrics(eight))
-    assert len(a) == len(b) == 2
-    # Sharded reductions reorder float sums: agreement to 1e-4 relative, 1e-6 absolute.
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert_same_metrics(metrics(one), metrics(eight), steps=2)
 
 
 def _free_port() -> int:
@@ -214,9 +219,4 @@ def test_two_processes_with_jax_distributed_match_one_process(test_config, tmp_p
     assert "2 process(es)" in outputs[0][0]
     assert "memory estimate" not in outputs[1][0] and "ETA" not in outputs[1][0], \
         "only process 0 prints the summary and progress"
-    a, b = comparable(metrics(single)), comparable(metrics(multi))
-    assert len(a) == len(b) == 2
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for k in ra:
-            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert_same_metrics(metrics(single), metrics(multi), steps=2)
