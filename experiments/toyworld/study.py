@@ -1,0 +1,854 @@
+"""The toy-world study: does a pairwise win rate resist reward hacking better than a score?
+
+    python experiments/toyworld/train_proxies.py     # once: the two proxy reward models
+    python experiments/toyworld/study.py             # ~45 min on 2 CPU cores at the default size
+
+From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
+budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
+``prefgrpo_jax.train.Trainer`` runs GRPO with three rewards, ``--seeds`` each:
+
+* ``pointwise``: the pointwise proxy's score, group-normalised (score-maximising
+  GRPO, the paper's "illusory advantage" setting);
+* ``pairwise``: Pref-GRPO, the pairwise proxy's within-group win rate;
+* ``verifier``: the toy verifier itself (``--oracle``; upper bound).
+
+Both proxies (``experiments/toyworld/train_proxies.py``) are trained on the
+same noisy verifier-labelled pairs of base-model images; they are imperfect on
+purpose. Every arm also computes the other sources at weight 0, so all arms
+are measured the same way. Per step (on the training rollouts):
+
+* ``reward/<source>/reward_mean``: the verifier score (``reward_mean``), the
+  pointwise proxy's score, the pairwise proxy's win rate (always 0.5);
+* ``verifier/<dimension>``: verifier score per prompt dimension;
+* ``reward/<source>/group_std`` and ``reward/<source>/adv_spread``: the
+  within-group std of the training reward and the spread (max - min) of the
+  normalised advantages it turns into: the "illusory advantage" is a tiny
+  std with an unchanged spread;
+* ``fidelity/<source>``: the fraction of within-group pairs the verifier
+  orders strictly that the source orders the same way, i.e. how often the
+  sign of an advantage difference is real (0.5 = chance);
+* ``diversity/pixel_rms``: the mean RMS pixel distance between the images of
+  a group.
+
+Held-out evaluations (the eval set of ``prefgrpo_jax.evaluate``: ODE sampler,
+fixed noise, ``--eval_per_dim`` prompts per dimension) of the base model and
+of every run at its midpoint and end give the per-dimension verifier table,
+the pointwise proxy's mean score, the pairwise proxy's preference for the
+run's image over the base model's image of the same prompt and noise, and the
+verifier's (win 1, tie 1/2). At the end ``prefgrpo_jax.evaluate.evaluate``
+scores each run's final checkpoint (the official eval mode; checked equal to
+the in-loop final evaluation).
+
+Reward hacking shows as a proxy's reward (or its preference for the trained
+images) rising while the verifier score falls or stalls. Outputs:
+``<results>/<tag>.json`` (every curve of every run, the evaluation tables,
+configs, wall times, machine), ``<tag>.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ASSETS = REPO / "prefgrpo_jax" / "toyworld" / "assets"
+RESULTS = REPO / "experiments" / "results"
+ARMS = ("pointwise", "pairwise", "verifier")
+ARM_LABELS = {
+    "pointwise": "GRPO, pointwise proxy score",
+    "pairwise": "Pref-GRPO, pairwise proxy win rate",
+    "verifier": "GRPO, verifier (upper bound)",
+}
+ARM_COLOURS = {"pointwise": "tab:red", "pairwise": "tab:blue", "verifier": "tab:green"}
+
+
+def load_tiny_config():
+    """``configs/tiny.py``'s config (loaded by path, as the tests do)."""
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=str(ASSETS / "base"), help="base model (diffusers FLUX dir)")
+    p.add_argument("--prompts", default=str(ASSETS / "prompts_train.jsonl"))
+    p.add_argument("--proxies", default=str(ASSETS),
+                   help="directory holding reward_pairwise/ and reward_pointwise/ (train_proxies.py)")
+    p.add_argument("--results", default=str(RESULTS), help="where <tag>.json/.md and PNGs go")
+    p.add_argument("--tag", default="toyworld_study", help="file-name stem of the outputs")
+    p.add_argument("--workdir", default="/tmp/toyworld_study", help="scratch: run workdirs, checkpoints")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=48, help="GRPO updates per run")
+    p.add_argument("--prompts_per_step", type=int, default=8)
+    p.add_argument("--group_size", type=int, default=8)
+    p.add_argument("--sample_steps", type=int, default=10, help="SDE steps per rollout")
+    p.add_argument("--timestep_fraction", type=float, default=0.6)
+    p.add_argument("--timestep_chunk", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
+    p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
+                   help="reward of the upper-bound arm: pointwise score or its hard win rates")
+    p.add_argument("--eval_per_dim", type=int, default=16, help="held-out prompts per dimension")
+    p.add_argument("--eval_steps", type=int, default=20, help="ODE steps of the held-out evaluation")
+    p.add_argument("--eval_every", type=int, default=None,
+                   help="held-out evaluation every this many steps (default: steps // 3)")
+    p.add_argument("--official_eval", type=int, default=1,
+                   help="1: also run prefgrpo_jax.evaluate.evaluate on each final checkpoint")
+    p.add_argument("--smooth", type=int, default=5, help="moving-average window of the plotted curves")
+    p.add_argument("--plots", type=int, default=1)
+    p.add_argument("--keep_workdirs", type=int, default=0, help="1: keep run workdirs (checkpoints)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- #
+# Configs
+# --------------------------------------------------------------------------- #
+
+
+def arm_spec(arm: str, oracle: str) -> dict[str, float]:
+    """Reward spec of an arm: its training source at weight 1, the others at 0 (measured)."""
+    spec = {"pointwise_model": 0.0, "pairwise_model": 0.0, "verifier": 0.0}
+    if arm == "pointwise":
+        spec["pointwise_model"] = 1.0
+    elif arm == "pairwise":
+        spec["pairwise_model"] = 1.0
+    elif arm == "verifier":
+        if oracle == "verifier":
+            spec["verifier"] = 1.0
+        else:
+            spec["verifier_pairwise"] = 1.0
+    else:
+        raise ValueError(f"unknown arm {arm!r}; known: {ARMS}")
+    return spec
+
+
+def training_source(arm: str, oracle: str) -> str:
+    return {"pointwise": "pointwise_model", "pairwise": "pairwise_model", "verifier": oracle}[arm]
+
+
+def arm_config(args: argparse.Namespace, arm: str, seed: int):
+    """``configs/tiny.py`` with the study's budget, the arm's reward and the seed."""
+    import ml_collections
+
+    c = load_tiny_config()
+    c.seed = int(seed)
+    c.model.path = str(args.base)
+    c.data.prompts = str(args.prompts)
+    c.total_steps = int(args.steps)
+    c.checkpoint_every = int(args.steps)  # only the final state is saved
+    c.keep_checkpoints = 1
+    c.image_every = 0
+    t = c.train
+    t.prompts_per_step = int(args.prompts_per_step)
+    t.group_size = int(args.group_size)
+    t.num_steps = int(args.sample_steps)
+    t.timestep_fraction = float(args.timestep_fraction)
+    t.timestep_chunk = int(args.timestep_chunk)
+    if args.lr is not None:
+        c.optim.learning_rate = float(args.lr)
+    if args.clip_range is not None:
+        t.clip_range = float(args.clip_range)
+    c.reward.spec = arm_spec(arm, args.oracle)
+    c.reward.monitor = "verifier"
+    proxies = Path(args.proxies)
+    c.reward.options = ml_collections.ConfigDict({
+        "pairwise_model": {"path": str(proxies / "reward_pairwise")},
+        "pointwise_model": {"path": str(proxies / "reward_pointwise")},
+    })
+    c.eval.prompts_per_dimension = int(args.eval_per_dim)
+    c.eval.num_steps = int(args.eval_steps)
+    c.eval.batch_size = 5 * int(args.eval_per_dim)  # one batch: all held-out prompts
+    return c
+
+
+# --------------------------------------------------------------------------- #
+# Measurements
+# --------------------------------------------------------------------------- #
+
+
+def group_diversity(images: np.ndarray) -> float:
+    """Mean over groups and pairs ``i < j`` of the RMS pixel distance; ``images [N, G, H, W, 3]``."""
+    x = np.asarray(images, np.float64).reshape(images.shape[0], images.shape[1], -1)
+    sq = np.sum(x * x, axis=-1)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2 * np.einsum("ngd,nhd->ngh", x, x)
+    rms = np.sqrt(np.maximum(d2, 0.0) / x.shape[-1])
+    iu = np.triu_indices(x.shape[1], 1)
+    return float(rms[:, iu[0], iu[1]].mean())
+
+
+def pair_fidelity(output: np.ndarray, truth: np.ndarray) -> tuple[float, int]:
+    """How often a source orders a group's pairs as the verifier does.
+
+    ``output``: scores ``[N, G]`` or ``P [N, G, G]``; ``truth``: verifier scores
+    ``[N, G]``. Over pairs ``i < j`` the verifier orders strictly: agreement 1,
+    a source tie 1/2, else 0. Returns ``(fidelity, pairs counted)``.
+    """
+    output, truth = np.asarray(output, np.float64), np.asarray(truth, np.float64)
+    if output.ndim == 2:
+        pred = np.sign(output[:, :, None] - output[:, None, :])
+    else:
+        pred = np.sign(output - 0.5)
+    want = np.sign(truth[:, :, None] - truth[:, None, :])
+    g = truth.shape[1]
+    iu = np.triu_indices(g, 1)
+    pred, want = pred[:, iu[0], iu[1]], want[:, iu[0], iu[1]]
+    keep = want != 0
+    n = int(keep.sum())
+    if n == 0:
+        return float("nan"), 0
+    score = np.where(pred == want, 1.0, np.where(pred == 0, 0.5, 0.0))
+    return float(score[keep].mean()), n
+
+
+def _dimension(prompt: str) -> str:
+    from prefgrpo_jax.toyworld.scenes import parse_prompt
+
+    return parse_prompt(prompt).dimension
+
+
+class Proxies:
+    """The two proxy reward models, for scoring held-out images outside the Trainer."""
+
+    def __init__(self, directory: str | Path):
+        import jax
+
+        from prefgrpo_jax.rewards.pairwise import load_reward_model, split_reward_model
+
+        self.pair_model, self.tok = load_reward_model(Path(directory) / "reward_pairwise")
+        self.point_model, self.point_tok = load_reward_model(Path(directory) / "reward_pointwise")
+        pf, pp = split_reward_model(self.pair_model)
+        sf, sp = split_reward_model(self.point_model)
+        self._pair = jax.jit(lambda ids, m, a, b: pf.merge(pp).pair_logits_from_inputs(ids, m, a, b))
+        self._score = jax.jit(lambda ids, m, x: sf.group_reward(sp, ids, m, x[:, None])[:, 0])
+
+    def point_scores(self, prompts: list[str], images: np.ndarray) -> np.ndarray:
+        ids, mask = self.point_tok(prompts)
+        return np.asarray(self._score(ids, mask, np.asarray(images, np.float32)))
+
+    def pair_prob(self, prompts: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """P(a preferred over b) per prompt, from the pairwise proxy."""
+        import jax
+
+        ids, mask = self.tok(prompts)
+        logits = self._pair(ids, mask, np.asarray(a, np.float32), np.asarray(b, np.float32))
+        return np.asarray(jax.nn.sigmoid(logits))
+
+
+def train_eval_prompts(config, n_per_dim: int, seed: int = 0) -> list[str]:
+    """A fixed sample of ``n_per_dim`` prompts per dimension from the TRAINING prompt file
+    (in-distribution evaluation: the prompts GRPO optimises on)."""
+    from prefgrpo_jax.toyworld.scenes import DIMENSIONS
+
+    path = Path(config.data.prompts)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
+        if path.suffix == ".jsonl" else [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    by_dim: dict[str, list[str]] = {}
+    for r in rows:
+        by_dim.setdefault(_dimension(r["prompt"]), []).append(r["prompt"])
+    rng = np.random.default_rng(seed)
+    out = []
+    for d in DIMENSIONS:
+        pool = by_dim.get(d, [])
+        if pool:
+            out += [pool[i] for i in sorted(rng.choice(len(pool), size=min(n_per_dim, len(pool)), replace=False))]
+    return out
+
+
+def heldout_eval(pipe, config, proxies: Proxies, base_images: np.ndarray | None = None,
+                 train_prompts: list[str] | None = None) -> tuple[dict, np.ndarray]:
+    """The evaluation of ``prefgrpo_jax.evaluate.evaluate`` (same prompts, sampler and
+    noise) on ``pipe``'s current weights, plus the proxies' view of the images; with
+    ``train_prompts`` also the verifier table on those (in-distribution) prompts."""
+    import jax
+
+    from prefgrpo_jax import evaluate
+    from prefgrpo_jax.toyworld.verify import score_table, verify
+
+    specs = evaluate.heldout_set(config)
+    prompts = [s.text for s in specs]
+    images = evaluate.generate(pipe, prompts, config, jax.random.key(int(config.eval.seed)))
+    results = [verify(img, spec) for img, spec in zip(images, specs)]
+    table = score_table(results, specs)
+    scores = np.asarray([r["score"] for r in results])
+    out = {"table": table, "pointwise_proxy_mean": float(proxies.point_scores(prompts, images).mean())}
+    if base_images is not None:
+        p = proxies.pair_prob(prompts, images, base_images)
+        base_scores = np.asarray([verify(img, spec)["score"] for img, spec in zip(base_images, specs)])
+        out["pairwise_proxy_pref_over_base"] = float(p.mean())
+        out["verifier_winrate_over_base"] = float(np.mean(
+            np.where(scores > base_scores, 1.0, np.where(scores == base_scores, 0.5, 0.0))))
+        out["pixel_rms_to_base"] = float(np.sqrt(np.mean((images - base_images) ** 2)))
+    if train_prompts:
+        timgs = evaluate.generate(pipe, train_prompts, config, jax.random.key(int(config.eval.seed) + 1))
+        out["train_prompts_table"] = score_table([verify(i, p) for i, p in zip(timgs, train_prompts)],
+                                                 list(train_prompts))
+        out["train_prompts_pointwise_proxy_mean"] = float(proxies.point_scores(train_prompts, timgs).mean())
+    return out, images
+
+
+def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndarray,
+                       train_prompts: list[str] | None = None):
+    """A ``Trainer`` subclass that adds the study's per-step measurements and held-out evals."""
+    from flax import nnx
+
+    from prefgrpo_jax.rewards.registry import RewardSource
+    from prefgrpo_jax.train import Trainer
+
+    class StudyTrainer(Trainer):
+        def __init__(self, config, workdir):
+            super().__init__(config, workdir)
+            self.captured: dict[str, np.ndarray] = {}
+            for name, src in list(self.reward.sources.items()):
+                self.reward.sources[name] = RewardSource(name, src.kind, self._capture(name, src.fn))
+            self.evals: dict[int, dict] = {}
+            self.eval_images: dict[int, np.ndarray] = {}
+            self.group_images: dict[int, tuple[list[str], np.ndarray]] = {}
+
+        def _capture(self, name, fn):
+            def wrapped(prompts, images):
+                out = np.asarray(fn(prompts, images), np.float32)
+                self.captured[name] = out
+                return out
+            return wrapped
+
+        def evaluate_now(self, step: int) -> None:
+            nnx.update(self.pipe.transformer, self.state["params"])
+            res, images = heldout_eval(self.pipe, self.config, proxies, base_images, train_prompts)
+            self.evals[step] = res
+            self.eval_images[step] = images
+
+        def step(self, step: int) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            m = super().step(step)
+            prompts, images = self._last_images
+            truth = self.captured["verifier"]
+            m["diversity/pixel_rms"] = group_diversity(images)
+            for name, out in self.captured.items():
+                fid, n = pair_fidelity(out, truth)
+                if name != "verifier":
+                    m[f"fidelity/{name}"] = fid
+            m["fidelity/strict_pairs_frac"] = n / (len(prompts) * images.shape[1] * (images.shape[1] - 1) / 2)
+            dims: dict[str, list[float]] = {}
+            for p, row in zip(prompts, truth):
+                dims.setdefault(_dimension(p), []).extend(row.tolist())
+            for d, v in dims.items():
+                m[f"verifier/{d}"] = float(np.mean(v))
+            done = step + 1
+            if done == 1 or done == self.config.total_steps:
+                self.group_images[done] = (list(prompts), np.asarray(images[:2]))
+            if done in eval_at:
+                t1 = time.perf_counter()
+                self.evaluate_now(done)
+                m["heldout_eval_s"] = time.perf_counter() - t1
+            m["study_overhead_s"] = time.perf_counter() - t0 - m["step_time_s"]
+            return m
+
+    return StudyTrainer
+
+
+# --------------------------------------------------------------------------- #
+# Summaries
+# --------------------------------------------------------------------------- #
+
+
+def _window(curve: list[dict], key: str, first: bool, n: int) -> float:
+    vals = [r[key] for r in curve if key in r and r[key] is not None and np.isfinite(r[key])]
+    if not vals:
+        return float("nan")
+    n = max(1, min(n, len(vals) // 2 or 1))
+    return float(np.mean(vals[:n] if first else vals[-n:]))
+
+
+def summarise(runs: dict, base_eval: dict, args, oracle: str) -> dict:
+    """Per arm: mean / std / values over seeds of the headline numbers."""
+    n = max(1, min(10, args.steps // 4))
+    out = {}
+    for arm, seeds in runs.items():
+        src = training_source(arm, oracle)
+        per_seed: dict[str, list[float]] = {}
+
+        def add(key, value):
+            per_seed.setdefault(key, []).append(float(value))
+
+        for _, run in sorted(seeds.items()):
+            c = run["curve"]
+            for key, name in (("reward_mean", "train_verifier"),
+                              ("reward/pointwise_model/reward_mean", "train_pointwise_proxy"),
+                              ("diversity/pixel_rms", "train_diversity"),
+                              (f"reward/{src}/group_std", "train_reward_group_std"),
+                              (f"reward/{src}/adv_spread", "train_adv_spread")):
+                a, b = _window(c, key, True, n), _window(c, key, False, n)
+                add(f"{name}_first", a)
+                add(f"{name}_last", b)
+                add(f"{name}_delta", b - a)
+            for fsrc in ("pointwise_model", "pairwise_model"):
+                add(f"fidelity_{fsrc}_first", _window(c, f"fidelity/{fsrc}", True, n))
+                add(f"fidelity_{fsrc}_last", _window(c, f"fidelity/{fsrc}", False, n))
+            final = run["evals"][str(max(int(k) for k in run["evals"]))]
+            if "train_prompts_table" in final:
+                for d, v in final["train_prompts_table"].items():
+                    add(f"trainprompts_{d}_final", v)
+                add("trainprompts_overall_delta", final["train_prompts_table"]["overall"]
+                    - base_eval["train_prompts_table"]["overall"])
+            add("heldout_overall_final", final["table"]["overall"])
+            add("heldout_overall_delta", final["table"]["overall"] - base_eval["table"]["overall"])
+            add("heldout_pointwise_proxy_delta", final["pointwise_proxy_mean"] - base_eval["pointwise_proxy_mean"])
+            add("heldout_pairwise_proxy_pref_over_base", final["pairwise_proxy_pref_over_base"])
+            add("heldout_verifier_winrate_over_base", final["verifier_winrate_over_base"])
+            for d, v in final["table"].items():
+                if d != "overall":
+                    add(f"heldout_{d}_final", v)
+        out[arm] = {k: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "values": v}
+                    for k, v in per_seed.items()}
+        out[arm]["window_steps"] = n
+    return out
+
+
+def _pm(s: dict, key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if key not in s:
+        return "n/a"
+    v = s[key]
+    return f"{scale * v['mean']:.{digits}f} ± {scale * v['std']:.{digits}f}"
+
+
+HACKING_RULE = (
+    "an arm is flagged as reward hacking when its own proxy says the trained model improved (pointwise "
+    "arm: the pointwise proxy's mean score on the held-out images rose over the base model's; pairwise "
+    "arm: the pairwise proxy prefers the trained images over the base model's in more than half of the "
+    "held-out prompts) while the verifier says it did not (held-out overall score not above the base "
+    "model's and verifier win rate over the base model <= 0.5), in the mean over seeds"
+)
+
+
+def is_hacking(arm: str, s: dict) -> bool | None:
+    """The rule of :data:`HACKING_RULE` (None for the verifier arm: it optimises the truth)."""
+    if arm == "pointwise":
+        proxy_up = s["heldout_pointwise_proxy_delta"]["mean"] > 0
+    elif arm == "pairwise":
+        proxy_up = s["heldout_pairwise_proxy_pref_over_base"]["mean"] > 0.5
+    else:
+        return None
+    verifier_not_up = (s["heldout_overall_delta"]["mean"] <= 0
+                       and s["heldout_verifier_winrate_over_base"]["mean"] <= 0.5)
+    return bool(proxy_up and verifier_not_up)
+
+
+def findings(summary: dict) -> list[str]:
+    """Statements read off the numbers with a fixed rule (:data:`HACKING_RULE`)."""
+    lines = [f"Rule: {HACKING_RULE}.", ""]
+    for arm, s in summary.items():
+        dv, dp = s["train_verifier_delta"], s["train_pointwise_proxy_delta"]
+        hv, hp = s["heldout_overall_delta"], s["heldout_pointwise_proxy_delta"]
+        pp = s["heldout_pairwise_proxy_pref_over_base"]
+        vw = s["heldout_verifier_winrate_over_base"]
+        seeds_down = sum(v < 0 for v in hv["values"])
+        seeds_up = sum(v > 0 for v in hv["values"])
+        hacked = is_hacking(arm, s)
+        verdict = {True: "**Flagged as reward hacking** by the rule.",
+                   False: "Not flagged as reward hacking by the rule.", None: ""}[hacked]
+        lines.append(
+            f"- **{ARM_LABELS[arm]}**: verifier score on the training rollouts "
+            f"{s['train_verifier_first']['mean']:.3f} -> {s['train_verifier_last']['mean']:.3f} "
+            f"(delta {dv['mean']:+.3f} ± {dv['std']:.3f}); pointwise proxy score on them delta "
+            f"{dp['mean']:+.3f} ± {dp['std']:.3f}. Held-out: verifier overall {100 * hv['mean']:+.2f} ± "
+            f"{100 * hv['std']:.2f} points vs the base model ({seeds_up} seeds above, {seeds_down} below, of "
+            f"{len(hv['values'])}), verifier win rate over the base model {vw['mean']:.3f} ± {vw['std']:.3f}; "
+            f"pointwise proxy {hp['mean']:+.3f} ± {hp['std']:.3f}; pairwise proxy P(trained > base) "
+            f"{pp['mean']:.3f} ± {pp['std']:.3f}."
+            + (f" Fixed training prompts: verifier overall {100 * s['trainprompts_overall_delta']['mean']:+.2f} ± "
+               f"{100 * s['trainprompts_overall_delta']['std']:.2f} points vs the base model."
+               if "trainprompts_overall_delta" in s else "")
+            + f" {verdict}"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------- #
+# Plots and images
+# --------------------------------------------------------------------------- #
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or len(y) < k:
+        return y
+    pad = np.concatenate([np.full(k - 1, y[0]), y])
+    return np.convolve(pad, np.ones(k) / k, mode="valid")
+
+
+def plot_curves(runs: dict, args, oracle: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("reward_mean", "verifier score (training rollouts)", None),
+        ("reward/pointwise_model/reward_mean", "pointwise proxy score (training rollouts)", None),
+        ("fidelity/{train}", "fidelity of the training reward\n(pairs ordered as the verifier does)", None),
+        ("reward/{train}/group_std", "within-group std of the training reward", "log"),
+        ("reward/{train}/adv_spread", "advantage spread (max - min) per group", None),
+        ("diversity/pixel_rms", "within-group diversity (RMS pixel distance)", None),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (key, title, scale) in zip(axes.flat, panels):
+        for arm, seeds in runs.items():
+            src = training_source(arm, oracle)
+            k = key.format(train=src)
+            if k == "fidelity/verifier" or k == f"fidelity/{oracle}":
+                continue  # the verifier agrees with itself
+            curves = [np.array([r.get(k, np.nan) for r in run["curve"]], float) for run in seeds.values()]
+            if not curves or all(np.all(np.isnan(c)) for c in curves):
+                continue
+            steps = np.array([r["step"] for r in next(iter(seeds.values()))["curve"]])
+            y = np.stack([_smooth(c, args.smooth) for c in curves])
+            mean = np.nanmean(y, 0)
+            ax.plot(steps, mean, color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
+            if len(curves) > 1:
+                ax.fill_between(steps, np.nanmin(y, 0), np.nanmax(y, 0), color=ARM_COLOURS[arm], alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("GRPO step")
+        if scale:
+            ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Toy-world study: {len(next(iter(runs.values())))} seeds per arm (line: mean, band: "
+                 f"min-max over seeds; moving average over {args.smooth} steps)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_heldout(runs: dict, base_eval: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("table.overall", "held-out verifier overall"),
+            ("train_prompts_table.overall", "verifier overall, training prompts"),
+            ("pointwise_proxy_mean", "held-out pointwise proxy score"),
+            ("pairwise_proxy_pref_over_base", "pairwise proxy P(run > base)"),
+            ("verifier_winrate_over_base", "verifier win rate vs base")]
+
+    def get(ev, k):
+        if "." in k:
+            table, dim = k.split(".")
+            return ev.get(table, {}).get(dim, np.nan)
+        return ev.get(k, 0.5)
+
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    for ax, (k, title) in zip(axes, keys):
+        for arm, seeds in runs.items():
+            ys = []
+            for run in seeds.values():
+                steps = [0] + sorted(int(s) for s in run["evals"])
+                ys.append([get(base_eval, k)] + [get(run["evals"][str(s)], k) for s in steps[1:]])
+            y = np.array(ys)
+            ax.plot(steps, y.mean(0), "o-", color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
+            if len(ys) > 1:
+                ax.fill_between(steps, y.min(0), y.max(0), color=ARM_COLOURS[arm], alpha=0.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _tile(img: np.ndarray, scale: int = 3) -> np.ndarray:
+    u8 = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return np.kron(u8, np.ones((scale, scale, 1), np.uint8))
+
+
+def image_grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str], path: Path,
+               scale: int = 3) -> None:
+    """A labelled grid of images (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    ch, cw, gap, left, top = h * scale, w * scale, 4, 330, 28
+    grid = Image.new("RGB", (left + len(col_labels) * (cw + gap), top + len(rows) * (ch + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * (cw + gap), 4), label[:22], fill=(0, 0, 0))
+    for i, (row, label) in enumerate(zip(rows, row_labels)):
+        y = top + i * (ch + gap)
+        draw.text((4, y + ch // 2 - 6), label[:60], fill=(0, 0, 0))
+        for j, img in enumerate(row):
+            grid.paste(Image.fromarray(_tile(img, scale)), (left + j * (cw + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+# --------------------------------------------------------------------------- #
+# Markdown
+# --------------------------------------------------------------------------- #
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    s, meta = result["summary"], result["meta"]
+    dims = [d for d in result["base_eval"]["table"] if d != "overall"]
+    L = ["# Toy-world study: pointwise score vs pairwise win rate as the GRPO reward", ""]
+    if meta.get("partial"):
+        L += [f"**PARTIAL RESULTS**: {meta['partial']}.", ""]
+    L += [
+         f"Reproduce: `{meta['command']}` (after `{result['proxies'].get('command', 'python experiments/toyworld/train_proxies.py')}`).",
+         f"Machine: {meta['machine']}. Total wall time {meta['wall_s'] / 60:.1f} min "
+         f"({meta['runs_completed']} runs of {meta['steps']} steps).",
+         "",
+         "## Set-up",
+         "",
+         f"- Base model: `{meta['base']}` (held-out verifier overall "
+         f"{100 * result['base_eval']['table']['overall']:.2f}).",
+         f"- Budget per run: {meta['steps']} GRPO steps x {meta['prompts_per_step']} prompts x group "
+         f"{meta['group_size']}, {meta['sample_steps']} SDE steps, lr {meta['learning_rate']}, clip range "
+         f"{meta['clip_range']}; seeds {meta['seeds']}.",
+         f"- Proxies (`train_proxies.py`): trained on {result['proxies'].get('data_train_pairs', '?')} "
+         f"within-group pairs of base-model samples labelled by the verifier with "
+         f"{100 * float(result['proxies'].get('data_label_noise', float('nan'))):.0f}% flipped labels "
+         f"(ties: {result['proxies'].get('data_ties', '?')}). Held-out pair accuracy vs the verifier: "
+         f"pairwise {result['proxies'].get('pairwise_heldout_accuracy_vs_verifier', float('nan')):.3f}, "
+         f"pointwise {result['proxies'].get('pointwise_heldout_accuracy_vs_verifier', float('nan')):.3f}.",
+         f"- Arms: " + "; ".join(f"`{a}` = {ARM_LABELS[a]} (reward spec `{arm_spec(a, meta['oracle'])}`)"
+                                 for a in result["runs"]) + ".",
+         "",
+         "## Headline numbers (mean ± std over seeds)",
+         "",
+         f"Training-rollout numbers average the first / last {next(iter(s.values()))['window_steps']} steps.",
+         "",
+         "| arm | verifier (train rollouts) first -> last | pointwise proxy (train rollouts) delta | "
+         "verifier on fixed training prompts, delta vs base (points) | held-out verifier overall | "
+         "held-out delta vs base (points) | pairwise proxy P(final > base), held-out | verifier win rate vs base, "
+         "held-out | diversity first -> last |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for arm, a in s.items():
+        L.append(
+            f"| {arm} | {a['train_verifier_first']['mean']:.3f} -> {a['train_verifier_last']['mean']:.3f} "
+            f"| {_pm(a, 'train_pointwise_proxy_delta')} | {_pm(a, 'trainprompts_overall_delta', 100, 2) if 'trainprompts_overall_delta' in a else 'n/a'} "
+            f"| {_pm(a, 'heldout_overall_final', 100, 2)} "
+            f"| {_pm(a, 'heldout_overall_delta', 100, 2)} | {_pm(a, 'heldout_pairwise_proxy_pref_over_base')} "
+            f"| {_pm(a, 'heldout_verifier_winrate_over_base')} "
+            f"| {a['train_diversity_first']['mean']:.4f} -> {a['train_diversity_last']['mean']:.4f} |")
+    L += ["", "## The illusory advantage (training reward, first -> last window)", "",
+          "| arm | training reward | within-group std | advantage spread | fidelity of pointwise proxy | "
+          "fidelity of pairwise proxy |", "|---|---|---|---|---|---|"]
+    for arm, a in s.items():
+        L.append(
+            f"| {arm} | `{training_source(arm, meta['oracle'])}` | {a['train_reward_group_std_first']['mean']:.4f} -> "
+            f"{a['train_reward_group_std_last']['mean']:.4f} | {a['train_adv_spread_first']['mean']:.2f} -> "
+            f"{a['train_adv_spread_last']['mean']:.2f} | {a['fidelity_pointwise_model_first']['mean']:.3f} -> "
+            f"{a['fidelity_pointwise_model_last']['mean']:.3f} | {a['fidelity_pairwise_model_first']['mean']:.3f} -> "
+            f"{a['fidelity_pairwise_model_last']['mean']:.3f} |")
+    L += ["", "Fidelity: among within-group pairs the verifier orders strictly, the fraction the proxy "
+          "orders the same way (0.5 = chance), on the policy's own rollouts.", "",
+          "## Held-out verifier per dimension (x100, final checkpoints, mean ± std over seeds)", "",
+          "| model | " + " | ".join(dims) + " | overall |", "|---|" + "---|" * (len(dims) + 1),
+          "| base | " + " | ".join(f"{100 * result['base_eval']['table'][d]:.2f}" for d in dims)
+          + f" | {100 * result['base_eval']['table']['overall']:.2f} |"]
+    for arm, a in s.items():
+        L.append(f"| {arm} | " + " | ".join(_pm(a, f"heldout_{d}_final", 100, 1) for d in dims)
+                 + f" | {_pm(a, 'heldout_overall_final', 100, 2)} |")
+    if "train_prompts_table" in result["base_eval"]:
+        dims = [d for d in result["base_eval"]["train_prompts_table"] if d != "overall"]
+        L += ["", "## Verifier on a fixed sample of training prompts per dimension (x100, final, mean ± std)", "",
+              "| model | " + " | ".join(dims) + " | overall |", "|---|" + "---|" * (len(dims) + 1),
+              "| base | " + " | ".join(f"{100 * result['base_eval']['train_prompts_table'][d]:.2f}" for d in dims)
+              + f" | {100 * result['base_eval']['train_prompts_table']['overall']:.2f} |"]
+        for arm, a in s.items():
+            if "trainprompts_overall_final" in a:
+                L.append(f"| {arm} | " + " | ".join(_pm(a, f"trainprompts_{d}_final", 100, 1) for d in dims)
+                         + f" | {_pm(a, 'trainprompts_overall_final', 100, 2)} |")
+    L += ["", "## What the numbers show", ""] + findings(s)
+    if result.get("discussion"):
+        L += ["", result["discussion"]]
+    L += ["", "## Files", ""]
+    for f in result["files"]:
+        L.append(f"- `{f}`")
+    L += ["", f"Per-step curves of every run, all evaluation tables and the configs: `{result['files'][0]}`."]
+    path.write_text("\n".join(L) + "\n")
+
+
+# --------------------------------------------------------------------------- #
+# Main
+# --------------------------------------------------------------------------- #
+
+
+def finalize(result: dict, args, grids: dict, base_images: np.ndarray, cfg0, arms: list[str],
+             seeds: list[int], t_start: float, partial: str | None) -> dict:
+    """Writes <tag>.json, <tag>.md, the plots and the image grids from what has run so far."""
+    from prefgrpo_jax.evaluate import heldout_set
+
+    meta = result["meta"]
+    meta["partial"] = partial
+    results_dir = Path(args.results)
+    arms = [a for a in arms if a in result["runs"]]
+    seeds = sorted({int(s) for a in arms for s in result["runs"][a]})
+    meta["wall_s"] = time.perf_counter() - t_start
+    meta["runs_completed"] = sum(len(v) for v in result["runs"].values())
+    meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    base_eval = result["base_eval"]
+    result["summary"] = summarise(result["runs"], base_eval, args, args.oracle)
+
+    files = [results_dir / f"{args.tag}.json", results_dir / f"{args.tag}.md"]
+    if args.plots:
+        curves_png = results_dir / f"{args.tag}_curves.png"
+        heldout_png = results_dir / f"{args.tag}_heldout.png"
+        plot_curves(result["runs"], args, args.oracle, curves_png)
+        plot_heldout(result["runs"], base_eval, heldout_png)
+        files += [curves_png, heldout_png]
+    # Held-out before/after grid (same prompts and noise): base | each arm's final, first seed.
+    specs_idx = np.arange(0, len(base_images), max(1, len(base_images) // 10))[:10]
+    texts = [s.text for s in heldout_set(cfg0)]
+    s0 = seeds[0]
+    rows = [[base_images[i]] + [grids[a][s0]["eval"][args.steps][i] for a in arms] for i in specs_idx]
+    grid_png = results_dir / f"{args.tag}_grid_heldout.png"
+    image_grid(rows, [texts[i] for i in specs_idx], ["base"] + [f"{a} (seed {s0})" for a in arms], grid_png)
+    files.append(grid_png)
+    # Training groups at the first and last step (SDE rollouts): diversity within a group.
+    for arm in arms:
+        g = grids[arm][s0]["groups"]
+        rows, labels = [], []
+        for step in sorted(g):
+            prompts, imgs = g[step]
+            for k in range(len(imgs)):
+                rows.append(list(imgs[k]))
+                labels.append(f"step {step}: {prompts[k]}")
+        path = results_dir / f"{args.tag}_groups_{arm}.png"
+        image_grid(rows, labels, [f"image {j}" for j in range(len(rows[0]))], path, scale=2)
+        files.append(path)
+    result["files"] = [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in files]
+    files[0].write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_markdown(files[1], result)
+    print(f"[study] wrote {', '.join(result['files'])}; {meta['wall_s'] / 60:.1f} min so far", flush=True)
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir) / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    import shutil
+
+    import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the verifier reward sources)
+    from prefgrpo_jax import evaluate
+    from prefgrpo_jax.rewards.pairwise import read_reward_config
+    from prefgrpo_jax.train import load_pipeline
+    from prefgrpo_jax.train_logging import read_metrics
+
+    t_start = time.perf_counter()
+    arms = [a for a in args.arms.split(",") if a]
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    eval_every = args.eval_every or max(1, args.steps // 3)
+    eval_at = set(range(eval_every, args.steps + 1, eval_every)) | {args.steps}
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[study {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    proxies = Proxies(args.proxies)
+    proxy_meta = {}
+    for kind in ("pairwise", "pointwise"):
+        extra = read_reward_config(Path(args.proxies) / f"reward_{kind}")["extra"]
+        for k, v in extra.items():
+            if k.startswith("data_") or k in ("command", "base_model"):
+                proxy_meta[k] = v
+            else:
+                proxy_meta[f"{kind}_{k}"] = v
+
+    # Base model, held-out.
+    cfg0 = arm_config(args, arms[0], seeds[0])
+    t0 = time.perf_counter()
+    base_pipe = load_pipeline(cfg0)
+    train_prompts = train_eval_prompts(cfg0, args.eval_per_dim)
+    base_eval, base_images = heldout_eval(base_pipe, cfg0, proxies, None, train_prompts)
+    base_eval["pairwise_proxy_pref_over_base"] = 0.5
+    base_eval["verifier_winrate_over_base"] = 0.5
+    base_eval["wall_s"] = time.perf_counter() - t0
+    del base_pipe
+    log(f"base model held-out: {base_eval['table']} ({base_eval['wall_s']:.0f}s)")
+    official_base = None
+    if args.official_eval:
+        official_base = evaluate.evaluate(cfg0, work / "base_eval")["scores"]
+
+    meta = {
+        "command": " ".join(["python", "experiments/toyworld/study.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores "
+                   f"(shared with other jobs), jax {jax.__version__} on {jax.devices()[0].platform}",
+        "base": str(args.base), "proxies": str(args.proxies), "arms": arms, "seeds": seeds,
+        "steps": args.steps, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+        "sample_steps": args.sample_steps, "learning_rate": float(cfg0.optim.learning_rate),
+        "clip_range": float(cfg0.train.clip_range), "oracle": args.oracle, "eval_at": sorted(eval_at),
+        "eval_per_dim": args.eval_per_dim, "eval_steps": args.eval_steps,
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    result: dict[str, Any] = {"meta": meta, "proxies": proxy_meta, "base_eval": base_eval,
+                              "official_base_eval": official_base, "configs": {}, "runs": {}}
+    grids: dict[str, dict] = {}
+    total_runs = len(arms) * len(seeds)
+    done_runs = 0
+    # Seed-major order: a partial study still has every arm at the first seeds.
+    for seed in seeds:
+        for arm in arms:
+            config = arm_config(args, arm, seed)
+            wd = work / f"{arm}_seed{seed}"
+            if wd.exists():
+                shutil.rmtree(wd)
+            t0 = time.perf_counter()
+            trainer = make_study_trainer(eval_at, proxies, base_images, train_prompts)(config, wd)
+            trainer.run()
+            curve = read_metrics(wd)
+            run = {"curve": curve, "evals": {str(k): v for k, v in sorted(trainer.evals.items())},
+                   "wall_s": time.perf_counter() - t0}
+            if args.official_eval:
+                off = evaluate.evaluate(config, wd)
+                run["official_final_eval"] = off["scores"]
+                final_table = trainer.evals[args.steps]["table"]
+                run["official_matches_inloop"] = bool(all(
+                    abs(off["scores"][k] - final_table[k]) < 1e-9 for k in final_table))
+            run["wall_s_with_eval"] = time.perf_counter() - t0
+            result["runs"].setdefault(arm, {})[str(seed)] = run
+            result["configs"][arm] = config.to_dict()
+            grids.setdefault(arm, {})[seed] = {"eval": trainer.eval_images, "groups": trainer.group_images}
+            done_runs += 1
+            last = curve[-1]
+            log(f"run {done_runs}/{total_runs} {arm} seed {seed}: {run['wall_s']:.0f}s; verifier (train) "
+                f"{curve[0]['reward_mean']:.3f} -> {last['reward_mean']:.3f}; held-out overall "
+                f"{trainer.evals[args.steps]['table']['overall']:.3f}"
+                + (f"; official eval matches: {run['official_matches_inloop']}" if args.official_eval else ""))
+            del trainer
+            if not args.keep_workdirs:
+                shutil.rmtree(wd, ignore_errors=True)
+            if done_runs < total_runs:  # results so far, labelled partial, survive an interruption
+                finalize(result, args, grids, base_images, cfg0, arms, seeds, t_start,
+                         partial=f"{done_runs} of {total_runs} runs completed; the study was still running")
+
+    return finalize(result, args, grids, base_images, cfg0, arms, seeds, t_start, partial=None)
+
+
+if __name__ == "__main__":
+    main()

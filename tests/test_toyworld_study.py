@@ -1,0 +1,106 @@
+"""Smoke test of the toy-world study's code path (proxies + three GRPO arms) at the tiniest size.
+
+Runs on the random fixture pipeline: the numbers mean nothing, the structure of
+the results file does.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle",
+           "a red square and a blue circle"]
+
+
+def test_measurements():
+    from experiments.toyworld.study import group_diversity, pair_fidelity
+
+    imgs = np.zeros((1, 3, 2, 2, 3))
+    imgs[0, 1] = 1.0
+    # pairs (0,1): 1, (0,2): 0, (1,2): 1 -> mean 2/3
+    assert group_diversity(imgs) == pytest.approx(2 / 3)
+    truth = np.array([[0.0, 1.0, 0.5]])
+    assert pair_fidelity(np.array([[0.1, 0.9, 0.5]]), truth) == (1.0, 3)
+    assert pair_fidelity(np.array([[0.9, 0.1, 0.5]]), truth)[0] == pytest.approx(0.0)
+    p = np.full((1, 3, 3), 0.5)
+    assert pair_fidelity(p, truth)[0] == pytest.approx(0.5)  # a judge of ties only
+    p[0, 1, 0], p[0, 0, 1] = 0.8, 0.2
+    assert pair_fidelity(p, truth)[0] == pytest.approx(2 / 3)
+
+
+def test_make_pairs():
+    from experiments.toyworld.train_proxies import make_pairs
+
+    scores = np.array([[0.0, 1.0, 1.0, 0.5]] * 50)
+    rng = np.random.default_rng(0)
+    clean = make_pairs(scores, rng, label_noise=0.0, ties="drop")
+    assert len(clean["label"]) == 50 * 5  # 6 pairs per group, one tie dropped
+    winner = np.where(clean["label"] == 1, clean["a"], clean["b"])
+    loser = np.where(clean["label"] == 1, clean["b"], clean["a"])
+    assert np.all(scores[clean["group"], winner] > scores[clean["group"], loser])
+    assert 0.3 < np.mean(clean["a"] > clean["b"]) < 0.7  # random presentation order
+    noisy = make_pairs(scores, np.random.default_rng(1), label_noise=0.2, ties="half")
+    assert len(noisy["label"]) == 50 * 6 and np.sum(noisy["clean"] == 0.5) == 50
+    assert np.all(noisy["label"][noisy["clean"] == 0.5] == 0.5)
+    assert np.array_equal(noisy["flipped"], noisy["label"] != noisy["clean"])
+    assert 0.1 < noisy["flipped"][noisy["clean"] != 0.5].mean() < 0.3
+
+
+def _save_random_proxies(directory):
+    """Untrained tiny proxies (train_proxies.py is exercised by test_make_pairs and the
+    study's own runs; training here would only add compile time)."""
+    from flax import nnx
+
+    from experiments.toyworld.train_proxies import toy_tokenizer
+    from prefgrpo_jax.rewards.pairwise import (
+        RewardModelConfig, ToyBackboneConfig, build_reward_model, save_reward_model)
+
+    tok = toy_tokenizer()
+    for kind in ("pairwise", "pointwise"):
+        cfg = RewardModelConfig(kind=kind, hidden=16, toy=ToyBackboneConfig(
+            vocab_size=tok.vocab_size, channels=(8, 8), feature_dim=16))
+        save_reward_model(build_reward_model(cfg, rngs=nnx.Rngs(0)), directory / f"reward_{kind}",
+                          tokenizer=tok, extra={"data_label_noise": 0.2, "data_ties": "drop"})
+
+
+def test_study_smoke(tiny_flux_dir, tmp_path):
+    from experiments.toyworld import study
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "category": "x"}) + "\n" for p in PROMPTS))
+    proxies = tmp_path / "proxies"
+    _save_random_proxies(proxies)
+
+    results = tmp_path / "results"
+    result = study.main([
+        f"--base={tiny_flux_dir}", f"--prompts={prompts}", f"--proxies={proxies}",
+        f"--results={results}", f"--workdir={tmp_path / 'work'}", "--tag=smoke", "--seeds=0",
+        "--steps=1", "--prompts_per_step=2", "--group_size=4", "--sample_steps=2",
+        "--timestep_fraction=1.0", "--timestep_chunk=1", "--eval_per_dim=1", "--eval_steps=2",
+        "--official_eval=0", "--plots=1",
+    ])
+    data = json.loads((results / "smoke.json").read_text())
+    assert data["meta"]["arms"] == list(study.ARMS)
+    assert data["meta"]["partial"] is None and data["meta"]["runs_completed"] == 3
+    assert set(data["base_eval"]["table"]) >= {"colour", "shape", "count", "position", "binding", "overall"}
+    for arm in study.ARMS:
+        run = data["runs"][arm]["0"]
+        assert [r["step"] for r in run["curve"]] == [1]
+        row = run["curve"][0]
+        for key in ("reward_mean", "reward/pointwise_model/reward_mean", "reward/pairwise_model/win_rate_mean",
+                    f"reward/{study.training_source(arm, 'verifier')}/group_std",
+                    f"reward/{study.training_source(arm, 'verifier')}/adv_spread",
+                    "diversity/pixel_rms", "fidelity/pointwise_model", "fidelity/pairwise_model"):
+            assert key in row, (arm, key)
+        assert row["reward/pairwise_model/win_rate_mean"] == pytest.approx(0.5)
+        assert set(run["evals"]) == {"1"}
+        ev = run["evals"]["1"]
+        assert {"table", "pointwise_proxy_mean", "pairwise_proxy_pref_over_base",
+                "verifier_winrate_over_base"} <= set(ev)
+        assert data["summary"][arm]["heldout_overall_final"]["values"] == [ev["table"]["overall"]]
+        assert data["configs"][arm]["reward"]["spec"] == study.arm_spec(arm, "verifier")
+    md = (results / "smoke.md").read_text()
+    assert "What the numbers show" in md and "Reproduce" in md
+    for f in data["files"]:
+        assert (results / f.split("/")[-1]).is_file(), f
