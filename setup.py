@@ -33,6 +33,8 @@ setup(
             "transformers>=5.0",
             "sentencepiece>=0.2",
         ],
+        # Plots of the toy-world study (experiments/toyworld/study.py).
+        "experiments": ["matplotlib>=3.8"],
         "cuda12": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
     },
