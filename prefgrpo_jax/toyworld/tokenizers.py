@@ -1,7 +1,9 @@
 """Tiny CLIP and T5 tokenizers, trained in-process, saved in transformers layout.
 
-For test fixtures (text-encoder parity, the diffusers-format FLUX pipeline
-fixture, the toy world): no download, deterministic, a few hundred ms.
+For the toy world's shipped tokenizers (``toyworld.base_model.save_tokenizers``
+trains them on the toy grammar's prompts) and for test fixtures (text-encoder
+parity, the diffusers-format FLUX pipeline fixture): no download,
+deterministic, a few hundred ms.
 
 * ``save_clip_tokenizer(dir, vocab_size=...)``: byte-level BPE trained with the
   ``tokenizers`` library using CLIP's normaliser, pre-tokeniser and ``</w>``
@@ -18,7 +20,10 @@ fixture, the toy world): no download, deterministic, a few hundred ms.
   transformers' ``T5TokenizerFast`` with ``<pad>`` = 0, ``</s>`` = 1,
   ``<unk>`` = 2 and no ``<extra_id_*>`` sentinels, so ``len(tokenizer) ==
   vocab_size``. Characters outside the corpus and printable ASCII map to
-  ``<unk>``.
+  ``<unk>``. ``whole_words=True`` adds every word of the corpus as a piece
+  (``▁word``): on a tiny, repetitive corpus such as the toy grammar's the
+  Unigram trainer keeps only a few dozen pieces and spells most words letter
+  by letter, which would make prompts longer than the sequence length.
 
 Both load with ``AutoTokenizer.from_pretrained(dir)`` and their own classes
 (``CLIPTokenizer`` / ``T5TokenizerFast``, the types diffusers' ``FluxPipeline``
@@ -201,11 +206,14 @@ def save_t5_tokenizer(
     *,
     model_max_length: int = 512,
     corpus: list[str] | None = None,
+    whole_words: bool = False,
 ) -> None:
     """Trains and saves a tiny T5 Unigram tokenizer with exactly ``vocab_size`` ids.
 
     ``<pad>`` = 0, ``</s>`` = 1 (appended to every sequence), ``<unk>`` = 2; no
     sentinel tokens. ``vocab_size`` must leave room for the alphabet (>= 200).
+    ``whole_words``: also make every whitespace-separated word of the corpus a
+    piece, scored by its corpus frequency, so each word is one token.
     """
     from transformers import T5TokenizerFast
 
@@ -228,7 +236,16 @@ def save_t5_tokenizer(
     tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
     pieces = json.loads(tok.to_str())["model"]["vocab"]  # [[piece, score], ...]
     assert [p for p, _ in pieces[:3]] == _T5_SPECIALS, pieces[:3]
-    vocab = [(p, 0.0 if p in _T5_SPECIALS else float(s)) for p, s in pieces][:vocab_size]
+    vocab = [(p, 0.0 if p in _T5_SPECIALS else float(s)) for p, s in pieces]
+    if whole_words:
+        words = dict(_word_pieces(corpus or CORPUS))
+        if 3 + len(words) > vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} < 3 + {len(words)} corpus words.")
+        # A word the trainer already kept as a piece keeps its id but gets the
+        # word's score if that is higher.
+        vocab = [(p, max(s, words.pop(p)) if p in words else s) for p, s in vocab]
+        vocab = vocab[:3] + list(words.items()) + vocab[3:]
+    vocab = vocab[:vocab_size]
     filler = 0
     while len(vocab) < vocab_size:  # contains '<', which no piece of real text starts
         vocab.append((f"<unused_{filler}>", -100.0))
@@ -238,3 +255,22 @@ def save_t5_tokenizer(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     t5.save_pretrained(str(directory))
+
+
+def _word_pieces(corpus: list[str]) -> list[tuple[str, float]]:
+    """``("▁word", log frequency)`` for each corpus word, most frequent first.
+
+    The score is the log of the word's share of all words; Viterbi then prefers
+    the one piece to spellings in several trained pieces (each scored like a
+    log-probability too), which ``save_toy_tokenizers``' check confirms on the
+    toy corpus: one token per word.
+    """
+    import math
+    from collections import Counter
+
+    counts = Counter(w for line in corpus for w in line.split())
+    total = sum(counts.values())
+    out = []
+    for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        out.append(("\u2581" + word, math.log(n / total)))
+    return out
