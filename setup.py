@@ -32,6 +32,8 @@ setup(
             "diffusers>=0.40",
             "transformers>=5.0",
             "sentencepiece>=0.2",
+            # tests/test_toyworld_study.py runs the study end to end, plots included.
+            "matplotlib>=3.8",
         ],
         # Plots of the toy-world study (experiments/toyworld/study.py).
         "experiments": ["matplotlib>=3.8"],
