@@ -1,7 +1,7 @@
 """The toy-world study: does a pairwise win rate resist reward hacking better than a score?
 
     python experiments/toyworld/train_proxies.py     # once: the two proxy reward models
-    python experiments/toyworld/study.py             # ~45 min on 2 CPU cores at the default size
+    python experiments/toyworld/study.py             # ~30 min on 2 CPU cores at the default size
 
 From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
 budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
@@ -95,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="toyworld_study", help="file-name stem of the outputs")
     p.add_argument("--workdir", default="/tmp/toyworld_study", help="scratch: run workdirs, checkpoints")
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=48, help="GRPO updates per run")
+    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--steps", type=int, default=128, help="GRPO updates per run")
     p.add_argument("--prompts_per_step", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
     p.add_argument("--sample_steps", type=int, default=10, help="SDE steps per rollout")
@@ -614,7 +614,8 @@ def write_markdown(path: Path, result: dict) -> None:
     L += [
          f"Reproduce: `{meta['command']}` (after `{result['proxies'].get('command', 'python experiments/toyworld/train_proxies.py')}`).",
          f"Machine: {meta['machine']}. Total wall time {meta['wall_s'] / 60:.1f} min "
-         f"({meta['runs_completed']} runs of {meta['steps']} steps).",
+         f"({meta['runs_completed']} runs of {meta['steps']} steps); load average (1/5/15 min) "
+         f"{meta['loadavg_start']} at the start, {meta.get('loadavg_end')} at the end.",
          "",
          "## Set-up",
          "",
@@ -704,6 +705,7 @@ def finalize(result: dict, args, grids: dict, base_images: np.ndarray, cfg0, arm
     arms = [a for a in arms if a in result["runs"]]
     seeds = sorted({int(s) for a in arms for s in result["runs"][a]})
     meta["wall_s"] = time.perf_counter() - t_start
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["runs_completed"] = sum(len(v) for v in result["runs"].values())
     meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     base_eval = result["base_eval"]
@@ -797,14 +799,16 @@ def main(argv=None) -> dict:
 
     meta = {
         "command": " ".join(["python", "experiments/toyworld/study.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores "
-                   f"(shared with other jobs), jax {jax.__version__} on {jax.devices()[0].platform}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   f"jax {jax.__version__} on {jax.devices()[0].platform}",
         "base": str(args.base), "proxies": str(args.proxies), "arms": arms, "seeds": seeds,
         "steps": args.steps, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
         "sample_steps": args.sample_steps, "learning_rate": float(cfg0.optim.learning_rate),
         "clip_range": float(cfg0.train.clip_range), "oracle": args.oracle, "eval_at": sorted(eval_at),
         "eval_per_dim": args.eval_per_dim, "eval_steps": args.eval_steps,
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        # Other jobs on the machine stretch the wall time: say how busy it was.
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
     result: dict[str, Any] = {"meta": meta, "proxies": proxy_meta, "base_eval": base_eval,
                               "official_base_eval": official_base, "configs": {}, "runs": {}}
