@@ -522,13 +522,14 @@ def jax_cond(cond_np: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def jax_init_flux(problem: Problem, *, remat: bool = False, seed: int = 0):
+def jax_init_flux(problem: Problem, *, remat: bool = False,
+                  remat_policy: str = "nothing_saveable", seed: int = 0):
     """(graphdef, params) of a randomly initialised NNX FLUX transformer."""
     from flax import nnx
 
     from prefgrpo_jax.models.flux import FluxConfig, FluxTransformer
     cfg = FluxConfig(**problem.model_kwargs())
-    model = FluxTransformer(cfg, rngs=nnx.Rngs(seed), remat=remat)
+    model = FluxTransformer(cfg, rngs=nnx.Rngs(seed), remat=remat, remat_policy=remat_policy)
     return nnx.split(model, nnx.Param)
 
 

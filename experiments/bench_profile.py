@@ -43,6 +43,8 @@ def _best(fn, reps: int) -> float:
 def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
+
+    from prefgrpo_jax.models.flux import REMAT_POLICIES
     prob = bc.Problem.from_json(problem)
     m = prob.model_kwargs()
     L, C = prob.num_img_tokens, m["in_channels"]
@@ -59,6 +61,15 @@ def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict
     grad = jax.jit(jax.value_and_grad(lambda p: jnp.mean(vf(p, x, t, cond) ** 2)))
     j_fwd = _best(lambda: fwd(params, x, t, cond).block_until_ready(), reps)
     j_fb = _best(lambda: jax.block_until_ready(grad(params)), reps)
+    # What the profile below points at (scan residual traffic): the same
+    # forward+backward with each rematerialisation policy.
+    remat_variants = [{"remat": "off", "fwd_bwd_s": j_fb}]
+    for policy in REMAT_POLICIES:
+        gd, _ = bc.jax_init_flux(prob, remat=True, remat_policy=policy)
+        vf_r = bc.jax_velocity_fn(gd)
+        grad_r = jax.jit(jax.value_and_grad(lambda p, vf_r=vf_r: jnp.mean(vf_r(p, x, t, cond) ** 2)))
+        remat_variants.append({"remat": policy,
+                               "fwd_bwd_s": _best(lambda: jax.block_until_ready(grad_r(params)), reps)})
 
     with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
         jax.profiler.start_trace(tmp, create_perfetto_trace=True)
@@ -144,7 +155,7 @@ def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict
         "forward_gflop": fwd_flops / 1e9, "gemm_fp32": gemm,
         "jax": {"fwd_s": j_fwd, "fwd_bwd_s": j_fb, "fwd_bwd_over_fwd": j_fb / j_fwd,
                 "fwd_gflops": fwd_flops / j_fwd / 1e9, "fwd_bwd_gflops": 3 * fwd_flops / j_fb / 1e9,
-                "profiled_s_per_call": sum(per_op.values()),
+                "profiled_s_per_call": sum(per_op.values()), "remat_variants": remat_variants,
                 "by_kind": dict(kinds.most_common(12)), "top_ops": jax_top},
         "torch": {"fwd_s": p_fwd, "fwd_bwd_s": p_fb, "fwd_bwd_over_fwd": p_fb / p_fwd,
                   "fwd_gflops": fwd_flops / p_fwd / 1e9,
@@ -173,6 +184,12 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
                       j["fwd_gflops"], j["fwd_bwd_gflops"]],
                      ["torch (eager)", t["fwd_s"], t["fwd_bwd_s"], t["fwd_bwd_over_fwd"],
                       t["fwd_gflops"], t["fwd_bwd_gflops"]]]),
+        "",
+        "JAX forward+backward by rematerialisation policy (`model.remat_policy`; the op "
+        "profile below is of `off`):\n",
+        bc.md_table(["remat", "fwd+bwd s", "(fwd+bwd)/fwd", "vs torch fwd+bwd"],
+                    [[v["remat"], v["fwd_bwd_s"], v["fwd_bwd_s"] / j["fwd_s"],
+                      f"x{t['fwd_bwd_s'] / v['fwd_bwd_s']:.2f}"] for v in j["remat_variants"]]),
         "",
         f"Square fp32 GEMM {r['gemm_fp32']['n']}^2 (best of 5): jnp.dot "
         f"{r['gemm_fp32']['jax_gflops']:.1f} GFLOP/s, torch.mm "

@@ -33,6 +33,8 @@ SIZES = {
     "medium": dict(problem="medium", group=8, steps=25, reps_jax=2, reps_torch=1),
 }
 ETA, CLIP_RANGE, FRACTION, LR, WD, MAX_GRAD_NORM, ADV_CLIP = 0.7, 1e-4, 0.6, 1e-5, 1e-4, 1.0, 5.0
+# configs/tiny.py's CPU setting: the fastest backward pass on CPU (profile.md).
+JAX_REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 
 def num_train_timesteps(steps: int) -> int:
@@ -151,7 +153,7 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     from prefgrpo_jax.models import flux
 
     prob = bc.Problem.from_json(problem)
-    model = flux.load_diffusers(ckpt_dir)
+    model = flux.load_diffusers(ckpt_dir, remat=True, remat_policy=JAX_REMAT_POLICY)
     assert model.cfg == flux.FluxConfig(**prob.model_kwargs()), model.cfg
     graphdef, params = nnx.split(model, nnx.Param)
     del model
@@ -240,7 +242,7 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
                 "rss_after_setup_mib": r["rss_after_setup_mib"],
                 "rss_before_steps_mib": r["rss_before_steps_mib"],
                 **{f"first_{m}": v for m, v in r["first_step_metrics"].items()}}
-    rows = [row("jax train_step (jit, scan over timesteps, batch=B)", j),
+    rows = [row(f"jax train_step (jit, scan over timesteps, batch=B, remat {JAX_REMAT_POLICY})", j),
             row("torch batch=B (loop over timesteps)", tb),
             row("torch batch=1 (reference: loop over samples x timesteps)", t1)]
     ratios = {"jax_speedup_vs_torch_batchB": tb["timing"]["steady_s"] / j["timing"]["steady_s"],
@@ -250,7 +252,7 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
         "config": {"size": size, **s, "train_timesteps": k, "transitions_per_update": transitions,
                    "eta": ETA, "clip_range": CLIP_RANGE, "timestep_fraction": FRACTION,
                    "lr": LR, "weight_decay": WD, "max_grad_norm": MAX_GRAD_NORM,
-                   "dtype": "float32", "model": prob.describe(),
+                   "jax_remat_policy": JAX_REMAT_POLICY, "dtype": "float32", "model": prob.describe(),
                    "analytic_train_flops_per_update": 3 * fwd * transitions},
         "threads": bc.thread_settings_doc(threads),
         "results": rows,

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from prefgrpo_jax import sampling
+from prefgrpo_jax.models.flux import REMAT_POLICIES
 
 MODES = ("train", "sample", "eval")
 DTYPES = ("float32", "bfloat16")
@@ -71,6 +72,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("log_every", config.log_every >= 1, "must be >= 1")
     check("image_every", config.image_every >= 0, "must be >= 0 (0 = never)")
     check("model.dtype", config.model.dtype in DTYPES, f"must be one of {DTYPES}")
+    check("model.remat_policy", config.model.get("remat_policy", REMAT_POLICIES[0]) in REMAT_POLICIES,
+          f"must be one of {REMAT_POLICIES}")
     path = Path(str(config.model.path)) if config.model.path else None
     check("model.path", path is not None and (path / "model_index.json").is_file(),
           "must be a local diffusers-format FLUX directory containing model_index.json "
@@ -152,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # local diffusers-format FLUX directory
     c.model.dtype = "bfloat16"  # frozen parts (VAE, text encoders); trained params stay fp32
     c.model.remat = True
+    c.model.remat_policy = "nothing_saveable"  # what remat keeps: see models/flux.py REMAT_POLICIES
 
     c.data = ml_collections.ConfigDict()
     c.data.prompts = ""  # .txt (one per line) or .jsonl ({"prompt": ..., "category": ...})

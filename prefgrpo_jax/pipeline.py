@@ -147,6 +147,7 @@ class FluxPipeline:
         dtype: jnp.dtype = jnp.float32,
         *,
         remat: bool = False,
+        remat_policy: str = "nothing_saveable",
         max_sequence_length: int = 512,
     ) -> "FluxPipeline":
         """Loads a local diffusers-format FLUX directory.
@@ -156,6 +157,7 @@ class FluxPipeline:
           dtype: parameter dtype of every component (fp32 default; bf16 halves
             memory for frozen parts, see the README for the numerics policy).
           remat: rematerialise transformer blocks in the backward pass.
+          remat_policy: what ``remat`` keeps (``flux.REMAT_POLICIES``).
           max_sequence_length: T5 tokens (512 for FLUX.1-dev).
 
         Raises:
@@ -176,7 +178,8 @@ class FluxPipeline:
         ]
         if missing:
             raise FileNotFoundError(f"{root} is missing {', '.join(missing)}. {LAYOUT_HELP}")
-        transformer = flux.load_diffusers(root / "transformer", dtype=dtype, remat=remat)
+        transformer = flux.load_diffusers(root / "transformer", dtype=dtype, remat=remat,
+                                          remat_policy=remat_policy)
         vae = autoencoder.load_diffusers(root / "vae", dtype=dtype)
         clip = text_encoders.load_clip_text(root / "text_encoder", dtype=dtype)
         t5 = text_encoders.load_t5(root / "text_encoder_2", dtype=dtype)

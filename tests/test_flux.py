@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from prefgrpo_jax.convert import WeightMismatchError, flat_params
 from prefgrpo_jax.models.flux import (
     FluxConfig,
+    REMAT_POLICIES,
     FluxTransformer,
     load_bfl,
     load_diffusers,
@@ -261,10 +262,11 @@ def test_compiles_once_per_shape(loaded):
     np.testing.assert_allclose(np.asarray(v1), velocity(loaded, x1), rtol=1e-5, atol=1e-5)
 
 
-def test_remat_same_output_and_grads(reference, loaded):
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_remat_same_output_and_grads(reference, loaded, policy):
     _, _, path, x, _ = reference
-    remat = load_diffusers(path, remat=True)
-    assert remat.remat and not loaded.remat
+    remat = load_diffusers(path, remat=True, remat_policy=policy)
+    assert remat.remat and not loaded.remat and remat.remat_policy == policy
 
     def loss_and_grad(model):
         graphdef, params = nnx.split(model)
@@ -283,6 +285,11 @@ def test_remat_same_output_and_grads(reference, loaded):
     np.testing.assert_allclose(np.asarray(v1), np.asarray(v0), rtol=1e-6, atol=1e-6)
     chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
     chex.assert_tree_all_finite(g0)
+
+
+def test_unknown_remat_policy_is_named():
+    with pytest.raises(ValueError, match="Unknown remat policy 'save_everything'.*nothing_saveable"):
+        FluxTransformer(FluxConfig.tiny(), rngs=nnx.Rngs(0), remat=True, remat_policy="save_everything")
 
 
 def test_bf16_params_drift_bounded(reference):

@@ -8,7 +8,8 @@ checkpoints map onto the NNX state almost by identity, and diffusers
 The 19 double-stream and 38 single-stream blocks are each one module whose
 parameters carry a leading layer axis (created with ``nnx.vmap``) and are
 applied with ``nnx.scan``, so compile time does not grow with depth;
-``remat=True`` recomputes each block's activations in the backward pass.
+``remat=True`` recomputes each block's activations in the backward pass
+(``remat_policy`` chooses what is kept: see :data:`REMAT_POLICIES`).
 
 Call convention (BFL)::
 
@@ -263,6 +264,22 @@ def apply_rope(x: jax.Array, pe: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+# ``jax.checkpoint_policies`` usable as ``remat_policy``. "nothing_saveable"
+# keeps only each block's input (least memory: the choice for FLUX.1-dev on
+# accelerators); "dots_with_no_batch_dims_saveable" also keeps the outputs of
+# the linear layers and recomputes the rest (attention, norms, modulation):
+# on CPU that is the fastest backward pass measured, faster than no remat at
+# all, because writing every elementwise residual into the scan's stacked
+# buffers costs more memory traffic than recomputing it
+# (experiments/results/profile.md).
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
+
+def check_remat_policy(name: str) -> None:
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {name!r}: use one of {', '.join(REMAT_POLICIES)}.")
+
+
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm without affine parameters, computed in fp32."""
     xf = x.astype(jnp.float32)
@@ -460,13 +477,18 @@ class FluxTransformer(nnx.Module):
       dtype: compute dtype (activations and returned velocity).
       param_dtype: parameter dtype.
       remat: recompute each block's activations in the backward pass.
+      remat_policy: with ``remat``, which activations are kept (one of
+        :data:`REMAT_POLICIES`).
     """
 
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False):
+                 param_dtype=jnp.float32, remat: bool = False,
+                 remat_policy: str = "nothing_saveable"):
+        check_remat_policy(remat_policy)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.remat_policy = remat_policy
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         h = cfg.hidden_size
         self.img_in = _linear(cfg.in_channels, h, rngs=rngs, **kw)
@@ -532,8 +554,9 @@ class FluxTransformer(nnx.Module):
             return block(carry, vec, pe)
 
         if self.remat:
-            double_body = nnx.remat(double_body)
-            single_body = nnx.remat(single_body)
+            policy = getattr(jax.checkpoint_policies, self.remat_policy)
+            double_body = nnx.remat(double_body, policy=policy)
+            single_body = nnx.remat(single_body, policy=policy)
         x, ctx = nnx.scan(double_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
             (x, ctx), self.double_blocks)
         h = jnp.concatenate([ctx, x], axis=1)
@@ -680,10 +703,11 @@ def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
 # Loading.
 
 
-def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool):
+def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool, remat_policy: str):
     param_dtype = jnp.float32 if dtype is None else dtype
     return lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
-                                   param_dtype=param_dtype, remat=remat)
+                                   param_dtype=param_dtype, remat=remat,
+                                   remat_policy=remat_policy)
 
 
 def load_diffusers(
@@ -692,6 +716,7 @@ def load_diffusers(
     dtype: jnp.dtype | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
+    remat_policy: str = "nothing_saveable",
 ) -> FluxTransformer:
     """Loads a diffusers ``FluxTransformer2DModel`` directory.
 
@@ -701,6 +726,7 @@ def load_diffusers(
       dtype: parameter dtype (default fp32; e.g. ``jnp.bfloat16`` for a frozen copy).
       compute_dtype: activation / output dtype.
       remat: rematerialise blocks in the backward pass.
+      remat_policy: what ``remat`` keeps (:data:`REMAT_POLICIES`).
 
     Raises:
       FileNotFoundError: naming the missing ``config.json`` or weights.
@@ -716,7 +742,7 @@ def load_diffusers(
             "FluxTransformer2DModel directory, e.g. <FLUX.1-dev>/transformer).")
     cfg = FluxConfig.from_diffusers(json.loads(config_file.read_text()))
     tensors = read_safetensors(path)
-    return load_model(_factory(cfg, dtype, compute_dtype, remat),
+    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy),
                       lambda src: map_diffusers(src, cfg), tensors,
                       origin=f"diffusers checkpoint {path}", dtype=dtype)
 
@@ -731,6 +757,7 @@ def load_bfl(
     dtype: jnp.dtype | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
+    remat_policy: str = "nothing_saveable",
 ) -> FluxTransformer:
     """Loads an original BFL single-file checkpoint (e.g. ``flux1-dev.safetensors``).
 
@@ -746,6 +773,6 @@ def load_bfl(
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
             break
-    return load_model(_factory(cfg, dtype, compute_dtype, remat),
+    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy),
                       lambda src: map_bfl(src, cfg), tensors,
                       origin=f"BFL checkpoint {file}", dtype=dtype)
