@@ -27,7 +27,7 @@ from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling,
 from prefgrpo_jax.models import autoencoder
 from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
-from prefgrpo_jax.train_logging import MetricsLogger, save_image_grid
+from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend, save_image_grid
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,6 +44,7 @@ def load_pipeline(config: ml_collections.ConfigDict) -> FluxPipeline:
         config.model.path,
         dtype=DTYPES[config.model.dtype],
         remat=bool(config.model.get("remat", False)),
+        remat_policy=config.model.get("remat_policy", "nothing_saveable"),
         max_sequence_length=int(config.train.get("max_sequence_length", 512)),
     )
 
@@ -345,6 +346,9 @@ class Trainer:
                         log.warning("stopping after step %d on preemption signal (checkpoint saved)", done)
                         return
             self.export_final()
+            trend = reward_trend(read_metrics(self.workdir)) if self.is_chief else None
+            if trend:
+                print(f"{trend} [reward_mean = {cfg.reward.monitor or 'the training reward'}]", flush=True)
         finally:
             logger.close()
             self.checkpointer.close()

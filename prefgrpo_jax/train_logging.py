@@ -57,6 +57,18 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def reward_trend(rows: list[dict[str, Any]], key: str = "reward_mean") -> str | None:
+    """``key`` averaged over the first and the last quarter of the run (at most
+    16 steps each): one step's reward is too noisy to show a trend."""
+    values = [r[key] for r in rows if key in r]
+    if len(values) < 2:
+        return None
+    w = max(1, min(16, len(values) // 4))
+    first, last = sum(values[:w]) / w, sum(values[-w:]) / w
+    return (f"{key}: {first:.4f} (mean of the first {w} logged steps) -> {last:.4f} "
+            f"(mean of the last {w}), {last - first:+.4f}")
+
+
 def save_image_grid(
     path: Path, images: np.ndarray, prompts: list[str], *, min_cell: int = 96, max_chars: int = 80
 ) -> Path:

@@ -11,6 +11,7 @@ import pytest
 
 from prefgrpo_jax import config as config_lib
 from prefgrpo_jax.train import TIMING_KEYS
+from prefgrpo_jax.train_logging import reward_trend
 from train_helpers import REPO, env, main_command, metrics, run_main, write_test_config
 
 
@@ -59,6 +60,7 @@ def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
         ("train.timestep_chunk", 4, "config.train.timestep_chunk=4: must divide the 5 trained timesteps"),
         ("model.path", "/nonexistent/flux", "config.model.path='/nonexistent/flux': must be a local diffusers-format FLUX directory"),
         ("model.dtype", "float16", "config.model.dtype='float16': must be one of ('float32', 'bfloat16')"),
+        ("model.remat_policy", "all", "config.model.remat_policy='all': must be one of ('nothing_saveable',"),
         ("total_steps", 0, "config.total_steps=0: must be an integer >= 1"),
         ("checkpoint_every", 0, "config.checkpoint_every=0: must be an integer >= 1 (steps)"),
         ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0: must be > 0"),
@@ -105,6 +107,14 @@ def test_unknown_reward_and_batch_divisibility(tiny_config):
         config_lib.validate(c, num_devices=1)
 
 
+def test_reward_trend_averages_first_and_last_quarter():
+    rows = [{"step": i + 1, "reward_mean": float(i)} for i in range(100)]
+    assert reward_trend(rows) == ("reward_mean: 7.5000 (mean of the first 16 logged steps) -> "
+                                  "91.5000 (mean of the last 16), +84.0000")
+    assert reward_trend(rows[:8]).startswith("reward_mean: 0.5000 (mean of the first 2 ")
+    assert reward_trend(rows[:1]) is None
+
+
 def comparable(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
@@ -126,6 +136,7 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
     proc = run_main(test_config, full)
     assert "memory estimate per device" in proc.stdout and "ETA" in proc.stdout
     rows = metrics(full)
+    assert reward_trend(rows) in proc.stdout  # the run ends with the monitored reward's trend
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         for key in ("loss", "reward_mean", "grad_norm", "clip_fraction", "approx_kl", "ratio_mean", "step_time_s"):
