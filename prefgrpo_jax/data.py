@@ -600,6 +600,9 @@ def _prepared_source(
             )
         if validate is not None:
             validate()  # fail on a bad line before TFDS creates any directory
+        # Prompt files prepare in a second; TFDS' nested tqdm bars would only
+        # interleave with the training progress line.
+        tfds.disable_progress_bar()
         try:
             builder.download_and_prepare(file_format=_ARRAY_RECORD)
         except FileExistsError:

@@ -6,6 +6,8 @@ or the base weights when there is none) and ``eval`` (per-dimension scores on
 the held-out prompt set).
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -26,7 +28,11 @@ def main(argv):
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the toy verifier rewards)
     from prefgrpo_jax import evaluate, sample, train
 
-    logging.set_verbosity(logging.INFO)
+    # Our own messages at INFO; the libraries' INFO chatter (orbax writes ~200
+    # lines per run) only when asked for with --verbosity=0.
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("prefgrpo_jax").setLevel(std_logging.INFO)
     if FLAGS.mode == "train":
         train.train(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
