@@ -294,7 +294,7 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
     Heads-major einsums rather than ``jax.nn.dot_product_attention``: the same
     math, but XLA's CPU backend runs forward and backward 5-10% faster with the
-    head axis in front (experiments/results/profile.md). Scores and softmax are
+    head axis in front (interleaved A/B timing, benchmark model `medium`). Scores and softmax are
     fp32 whatever the compute dtype.
     """
     q, k = apply_rope(q, pe), apply_rope(k, pe)
