@@ -31,6 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
             "debias": False,
         },
     })
+    # --mode=eval: UniGenBench-style testpoints judged by a VLM behind an
+    # OpenAI-compatible server (e.g. a Qwen2.5-VL eval model served by vLLM).
+    c.eval.judge = "vlm_judge"
+    c.eval.prompts = "/path/to/unigenbench_testpoints.jsonl"
+    c.eval.vlm_judge.model = "Qwen2.5-VL-72B-Instruct"  # the name the server serves
+    c.eval.num_steps = 28
+    c.eval.batch_size = 8
     # 64 GPUs / TPU chips: batch over data x fsdp; parameters and Adam moments FSDP-sharded.
     c.mesh.data = 1
     c.mesh.fsdp = -1

@@ -16,6 +16,7 @@ from prefgrpo_jax.models.flux import REMAT_POLICIES
 
 MODES = ("train", "sample", "eval")
 DTYPES = ("float32", "bfloat16")
+EVAL_JUDGES = ("toy_verifier", "vlm_judge")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,22 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     monitor = config.reward.get("monitor", "")
     check("reward.monitor", not monitor or monitor in spec,
           f"must be empty or one of the sources in reward.spec {sorted(spec)}")
+
+    if mode == "eval":
+        e = config.eval
+        check("eval.judge", e.judge in EVAL_JUDGES, f"must be one of {EVAL_JUDGES}")
+        for field in ("images_per_prompt", "num_steps", "batch_size"):
+            check(f"eval.{field}", isinstance(e[field], int) and e[field] >= 1, "must be an integer >= 1")
+        if e.judge == "vlm_judge":
+            check("eval.prompts", bool(e.prompts) and Path(str(e.prompts)).is_file(),
+                  "must be an existing JSONL file of {\"prompt\", \"dimension\", \"testpoints\"} "
+                  "objects (see prefgrpo_jax/evaluate.py)")
+            check("eval.vlm_judge.base_url", str(e.vlm_judge.base_url).startswith(("http://", "https://")),
+                  "must be the judge server's root URL, e.g. http://127.0.0.1:8080")
+            check("eval.vlm_judge.model", bool(e.vlm_judge.model), "must name the model the judge server serves")
+        elif e.judge == "toy_verifier":
+            check("eval.prompts_per_dimension", isinstance(e.prompts_per_dimension, int)
+                  and e.prompts_per_dimension >= 1, "must be an integer >= 1")
 
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
@@ -216,8 +233,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.cpu_collectives = False
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.judge = "toy_verifier"
-    c.eval.prompts_per_dimension = 20
+    c.eval.judge = "toy_verifier"  # or "vlm_judge" (UniGenBench-style testpoints, eval.prompts)
+    c.eval.prompts_per_dimension = 20  # toy_verifier
+    c.eval.prompts = ""  # vlm_judge: JSONL of {"prompt", "dimension", "testpoints"}
+    c.eval.vlm_judge = ml_collections.ConfigDict({
+        "base_url": "http://127.0.0.1:8080", "model": "", "api_key_env": "",  # "" = no key
+        "max_concurrency": 8, "timeout_s": 120.0, "retries": 3, "max_tokens": 2048,
+    })
     c.eval.images_per_prompt = 1
     c.eval.num_steps = 20
     c.eval.batch_size = 20

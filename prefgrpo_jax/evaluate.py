@@ -1,10 +1,22 @@
 """``--mode=eval``: per-dimension scores of a checkpoint on a held-out prompt set.
 
-Like UniGenBench, every prompt has binary testpoints; a prompt's score is the
-fraction it passes, a dimension's score the mean over its prompts, and the
-overall score the unweighted mean over dimensions. The judge here is the toy
-world's pixel verifier (``eval.judge = "toy_verifier"``), which reads the
-testpoints from the prompt itself.
+Like UniGenBench, every prompt has binary testpoints and the overall score is
+the unweighted mean over dimensions. Two judges (``eval.judge``):
+
+* ``toy_verifier``: the toy world's pixel verifier on its fixed held-out
+  prompts; it reads the testpoints from the prompt itself. A prompt's score is
+  the fraction it passes, a dimension's score the mean over its prompts.
+* ``vlm_judge``: a VLM served behind an OpenAI-compatible API (vLLM, or a
+  proxy to a hosted model) answers yes/no per testpoint
+  (:meth:`VLMJudge.testpoint_scores`), on the prompts of ``eval.prompts``, a
+  JSONL file with one prompt per line::
+
+    {"prompt": "...", "dimension": "Attribute",
+     "testpoints": ["Is the cat black?", {"text": "...", "dimension": "Action"}]}
+
+  A testpoint string takes the prompt's ``dimension``. A dimension's score is
+  the fraction of its judged testpoints that pass; testpoints the judge gave
+  no verdict for are left out and counted in the report (``unjudged``).
 """
 
 from __future__ import annotations
@@ -13,23 +25,78 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
+from prefgrpo_jax import config as config_lib
 from prefgrpo_jax.sample import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
 log = logging.getLogger(__name__)
-JUDGES = ("toy_verifier",)
+JUDGES = ("toy_verifier", "vlm_judge")
+# Keyword arguments of VLMJudge that eval.vlm_judge may set.
+VLM_JUDGE_OPTIONS = ("base_url", "model", "api_key_env", "max_concurrency", "timeout_s", "retries",
+                     "max_tokens")
 
 
-def heldout_set(config: ml_collections.ConfigDict) -> list[Any]:
-    from prefgrpo_jax.toyworld.scenes import heldout_prompts
+def load_testpoint_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """``eval.prompts`` JSONL -> ``[{"prompt", "testpoints": [(dimension, question)]}]``.
 
-    return heldout_prompts(n_per_dim=int(config.eval.prompts_per_dimension))
+    Raises:
+      FileNotFoundError / ValueError naming the file and line of the problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.prompts={str(path)!r} does not exist (a JSONL file of "
+                                "{\"prompt\", \"dimension\", \"testpoints\"} objects)")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"{where}: needs a non-empty \"prompt\" string")
+        raw = row.get("testpoints")
+        if not isinstance(raw, list) or not raw:
+            raise ValueError(f"{where}: needs a non-empty \"testpoints\" list")
+        testpoints = []
+        for tp in raw:
+            text, dim = (tp, row.get("dimension")) if isinstance(tp, str) else (
+                (tp.get("text"), tp.get("dimension", row.get("dimension"))) if isinstance(tp, dict) else (None, None))
+            if not isinstance(text, str) or not text.strip() or not isinstance(dim, str) or not dim.strip():
+                raise ValueError(f"{where}: every testpoint needs a question and a dimension (its own "
+                                 f"\"dimension\" or the prompt's), got {tp!r}")
+            testpoints.append((dim.strip(), text.strip()))
+        items.append({"prompt": row["prompt"], "testpoints": testpoints})
+    if not items:
+        raise ValueError(f"eval.prompts={str(path)!r} holds no prompts")
+    return items
+
+
+def testpoint_table(verdicts: list[tuple[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """``(dimension, 1.0 | 0.0 | NaN)`` per testpoint -> (scores, unjudged counts).
+
+    Dimensions in first-seen order; a dimension with no judged testpoint scores NaN.
+    """
+    passed: dict[str, list[float]] = {}
+    unjudged: dict[str, int] = {}
+    for dim, v in verdicts:
+        passed.setdefault(dim, [])
+        unjudged.setdefault(dim, 0)
+        if np.isnan(v):
+            unjudged[dim] += 1
+        else:
+            passed[dim].append(v)
+    table = {d: float(np.mean(v)) if v else float("nan") for d, v in passed.items()}
+    table["overall"] = float(np.nanmean(list(table.values()))) if table else float("nan")
+    return table, unjudged
 
 
 def generate(pipe, prompts: list[str], config: ml_collections.ConfigDict, key: jax.Array) -> np.ndarray:
@@ -56,38 +123,81 @@ def score_table_markdown(table: dict[str, float], title: str) -> str:
     return "\n".join([header, sep, row])
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
-    if config.eval.judge not in JUDGES:
-        raise ValueError(f"config.eval.judge={config.eval.judge!r}: must be one of {JUDGES}")
+def heldout_set(config: ml_collections.ConfigDict) -> list[Any]:
+    from prefgrpo_jax.toyworld.scenes import heldout_prompts
+
+    return heldout_prompts(n_per_dim=int(config.eval.prompts_per_dimension))
+
+
+def _toy_verifier_task(config: ml_collections.ConfigDict):
+    """(prompts, scorer): the toy world's held-out set judged by its verifier."""
     from prefgrpo_jax.toyworld.verify import score_table, verify
 
-    t0 = time.perf_counter()
-    pipe, step = load_trained_pipeline(config, workdir)
     specs = heldout_set(config)
-    prompts = [s.text for s in specs] * int(config.eval.images_per_prompt)
-    all_specs = specs * int(config.eval.images_per_prompt)
-    images = generate(pipe, prompts, config, jax.random.key(int(config.eval.seed)))
-    results = [verify(img, spec) for img, spec in zip(images, all_specs)]
-    table = score_table(results, all_specs)
+
+    def score(images: np.ndarray, index: list[int]) -> dict[str, Any]:
+        picked = [specs[i] for i in index]
+        return {"scores": score_table([verify(img, sp) for img, sp in zip(images, picked)], picked)}
+    return [s.text for s in specs], score
+
+
+def _vlm_judge_task(config: ml_collections.ConfigDict):
+    """(prompts, scorer): ``eval.prompts`` judged testpoint by testpoint by a VLM."""
+    from prefgrpo_jax.rewards.judge import VLMJudge
+
+    items = load_testpoint_prompts(config.eval.prompts)
+    options = {k: config.eval.vlm_judge[k] for k in VLM_JUDGE_OPTIONS if k in config.eval.vlm_judge}
+    options["api_key_env"] = options.get("api_key_env") or None
+
+    def score(images: np.ndarray, index: list[int]) -> dict[str, Any]:
+        picked = [items[i] for i in index]
+        with VLMJudge(**options) as judge:
+            verdicts = judge.testpoint_scores([it["prompt"] for it in picked], images,
+                                              [[q for _, q in it["testpoints"]] for it in picked])
+            stats = judge.stats.as_dict()
+        flat = [(dim, float(v)) for it, vs in zip(picked, verdicts)
+                for (dim, _), v in zip(it["testpoints"], vs)]
+        table, unjudged = testpoint_table(flat)
+        return {"scores": table, "unjudged": unjudged, "judge_stats": stats,
+                "judge": {k: v for k, v in options.items() if k != "api_key_env"}}
+    return [it["prompt"] for it in items], score
+
+
+TASKS: dict[str, Callable[[ml_collections.ConfigDict], tuple[list[str], Callable]]] = {
+    "toy_verifier": _toy_verifier_task,
+    "vlm_judge": _vlm_judge_task,
+}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
+    config_lib.validate(config, mode="eval")
+    t0 = time.perf_counter()
+    prompts, score = TASKS[config.eval.judge](config)
+    pipe, step = load_trained_pipeline(config, workdir)
+    index = list(range(len(prompts))) * int(config.eval.images_per_prompt)
+    images = generate(pipe, [prompts[i] for i in index], config, jax.random.key(int(config.eval.seed)))
     name = f"step_{step:06d}" if step is not None else "base"
     report = {
         "checkpoint_step": step,
         "model_path": str(config.model.path),
         "judge": config.eval.judge,
-        "prompts": len(specs),
-        "images": len(prompts),
+        "prompts": len(prompts),
+        "images": len(index),
         "num_steps": int(config.eval.num_steps),
-        "scores": table,
+        **score(images, index),
         "wall_s": time.perf_counter() - t0,
     }
     out_dir = Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = score_table_markdown(table, name)
+    markdown = score_table_markdown(report["scores"], name)
     (out_dir / f"{name}.md").write_text(markdown + "\n")
-    first = np.arange(0, len(specs), max(1, len(specs) // 8))[:8]
-    save_image_grid(out_dir / f"{name}.png", images[first][:, None], [specs[i].text for i in first])
+    first = np.arange(0, len(prompts), max(1, len(prompts) // 8))[:8]
+    save_image_grid(out_dir / f"{name}.png", images[first][:, None], [prompts[i] for i in first])
     print(markdown, flush=True)
-    print(f"({len(prompts)} images, {report['wall_s']:.1f} s; report in {out_dir})", flush=True)
+    unjudged = sum(report.get("unjudged", {}).values())
+    print(f"({len(index)} images, {report['wall_s']:.1f} s"
+          + (f", {unjudged} testpoints without a verdict" if unjudged else "")
+          + f"; report in {out_dir})", flush=True)
     return report

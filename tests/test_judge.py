@@ -22,6 +22,7 @@ from prefgrpo_jax.rewards.judge import (
     VLMJudge,
     encode_png_data_url,
     parse_preference,
+    parse_testpoints,
 )
 
 MODEL = "test-judge"
@@ -506,3 +507,80 @@ def test_default_prompt_has_placeholder_and_context_manager(server):
         assert judge.stats.requests == 0
     with pytest.raises(RuntimeError):
         judge.preference_matrix(["p"], imgs)
+
+
+# ---------------------------------------------------------------- testpoints
+
+
+@pytest.mark.parametrize("text,k,want", [
+    ("<think>..</think><answer>1: yes\n2: no</answer>", 2, [True, False]),
+    ("<answer>\n1. Yes\n 2) NO.\n3 - **yes**\n</answer>", 3, [True, False, True]),
+    ("<answer>1: yes</answer>", 2, [True, None]),  # missing line
+    ("<answer>1: yes\n1: no\n2: no</answer>", 2, [None, False]),  # conflicting verdicts
+    ("<answer>1: yes\n7: no</answer>", 1, [True]),  # out-of-range number ignored
+    ("1: yes\n2: yes", 2, [None, None]),  # no answer block
+    ("<answer>old: 1: no</answer> <answer>1: yes", 1, [True]),  # last block, unclosed
+    (None, 1, [None]),
+])
+def test_parse_testpoints(text, k, want):
+    assert parse_testpoints(text, k) == want
+
+
+def reply_to_testpoints(body: dict) -> str:
+    """Answers yes to a question that contains 'bright' iff the image is bright."""
+    text = body["messages"][0]["content"][-1]["text"]
+    questions = text.split("Test points:\n", 1)[1].splitlines()
+    (image,) = decode_images(body)
+    lines = []
+    for q in questions:
+        number, question = q.split(". ", 1)
+        ok = ("bright" in question) == (image.mean() > 127)
+        lines.append(f"{number}: {'yes' if ok else 'no'}")
+    return "<think>looked</think><answer>" + "\n".join(lines) + "</answer>"
+
+
+def test_testpoint_scores_request_format_and_verdicts(server):
+    server.script = lambda body, headers, index: reply_to_testpoints(body)
+    images = np.stack([np.full((8, 8, 3), 0.9), np.full((8, 8, 3), 0.1)]).astype(np.float32)
+    tps = [["is it bright?", "is it dark?"], ["is it bright?"]]
+    judge = make_judge(server)
+    scores = judge.testpoint_scores(["a lamp", "a cave"], images, tps)
+    np.testing.assert_array_equal(scores[0], [1.0, 0.0])
+    np.testing.assert_array_equal(scores[1], [0.0])
+    assert all(s.dtype == np.float32 for s in scores)
+    assert len(server.bodies) == 2  # one request per image, all its testpoints at once
+    body = next(b for b in server.bodies if "a lamp" in b["messages"][0]["content"][-1]["text"])
+    text = body["messages"][0]["content"][-1]["text"]
+    assert "Text Caption: [a lamp]" in text and "1. is it bright?\n2. is it dark?" in text
+    assert [p["type"] for p in body["messages"][0]["content"]] == ["image_url", "text"]
+    assert judge.stats.requests == 2 and judge.stats.unparseable == 0 and judge.stats.ties == 0
+
+
+def test_testpoint_missing_verdicts_and_failures_are_nan_and_counted(server, caplog):
+    def script(body, headers, index):
+        if "broken" in body["messages"][0]["content"][-1]["text"]:
+            return 500, b"down"
+        return "<answer>1: yes</answer>"  # second testpoint never answered
+    server.script = script
+    judge = make_judge(server, retries=1)
+    images = np.full((2, 4, 4, 3), 0.5, np.float32)
+    with caplog.at_level(logging.WARNING, logger="prefgrpo_jax.judge"):
+        scores = judge.testpoint_scores(["ok", "broken"], images, [["a", "b"], ["c"]])
+    np.testing.assert_array_equal(scores[0], [1.0, np.nan])
+    assert np.isnan(scores[1]).all()
+    st = judge.stats
+    assert (st.requests, st.failed, st.unparseable, st.retried, st.ties) == (2, 1, 1, 1, 0)
+    assert "testpoint(s) [2]" in caplog.text
+
+
+def test_testpoint_all_failing_raises_and_bad_inputs(server):
+    server.script = lambda body, headers, index: (503, b"")
+    judge = make_judge(server, retries=0)
+    with pytest.raises(JudgeUnavailableError, match="all 1 judge requests"):
+        judge.testpoint_scores(["p"], np.zeros((1, 4, 4, 3), np.float32), [["q"]])
+    with pytest.raises(ValueError, match=r"shape \[N, H, W, 3\]"):
+        judge.testpoint_scores(["p"], np.zeros((1, 1, 4, 4, 3), np.float32), [["q"]])
+    with pytest.raises(ValueError, match="one non-empty list of question strings per prompt"):
+        judge.testpoint_scores(["p"], np.zeros((1, 4, 4, 3), np.float32), [[]])
+    with pytest.raises(ValueError, match="testpoint_template must be a string containing"):
+        make_judge(server, testpoint_template="no fields")

@@ -17,6 +17,8 @@ Differences from the reference client, all opt-in or purely defensive:
 
 * ``debias=True`` judges each pair in both orders and averages, cancelling the
   judge's position bias (at twice the calls).
+* :meth:`VLMJudge.testpoint_scores` asks the same server UniGenBench-style
+  yes/no questions about single images (``--mode=eval`` with a real model).
 * bounded concurrency, per-request timeouts, retries with exponential backoff
   on connection errors / timeouts / HTTP 429 / 5xx, and counters
   (:class:`JudgeStats`) so that failures are visible instead of silent.
@@ -49,11 +51,13 @@ from PIL import Image
 
 __all__ = [
     "DEFAULT_PAIRWISE_PROMPT",
+    "DEFAULT_TESTPOINT_PROMPT",
     "JudgeStats",
     "JudgeUnavailableError",
     "VLMJudge",
     "encode_png_data_url",
     "parse_preference",
+    "parse_testpoints",
 ]
 
 logger = logging.getLogger("prefgrpo_jax.judge")
@@ -83,11 +87,25 @@ DEFAULT_PAIRWISE_PROMPT = (
     "Text Caption: [{prompt}]"
 )
 
+# Evaluation prompt (UniGenBench-style): one image, its caption and numbered
+# binary testpoints; one verdict line per testpoint inside <answer>.
+DEFAULT_TESTPOINT_PROMPT = (
+    "You are shown one image that was generated from the text caption below. "
+    "Check the image against each numbered test point: does the image satisfy it?\n"
+    "Think about every test point inside <think> and </think>. Then, inside "
+    "<answer> and </answer>, write one line per test point, in order, exactly "
+    "in the form `N: yes` or `N: no`.\n"
+    "Text Caption: [{prompt}]\n"
+    "Test points:\n{testpoints}"
+)
+
 _PROMPT_FIELD = "{prompt}"
+_TESTPOINTS_FIELD = "{testpoints}"
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.IGNORECASE | re.DOTALL)
 _IMG1_RE = re.compile(r"\bimage\s*1\s+is\s+better\b", re.IGNORECASE)
 _IMG2_RE = re.compile(r"\bimage\s*2\s+is\s+better\b", re.IGNORECASE)
+_TESTPOINT_RE = re.compile(r"^\W*(\d+)\s*[:.)\-]\s*\**\s*(yes|no)\b", re.IGNORECASE | re.MULTILINE)
 
 _BEARER_RE = re.compile(r"Bearer\s+\S+", re.IGNORECASE)
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -104,11 +122,12 @@ class JudgeStats:
 
     requests:    judgments issued (one per pair and order; retries not counted)
     failed:      judgments with no usable HTTP response after all retries
-    unparseable: judgments whose reply held neither or both verdicts
-    ties:        judgments scored 0.5 (= failed + unparseable)
+    unparseable: judgments whose reply held neither or both verdicts (pairwise)
+                 or missed a verdict for at least one testpoint (testpoints)
+    ties:        pairwise judgments scored 0.5 (= their failed + unparseable)
     retried:     extra HTTP attempts made because of retriable errors
-    calls:       ``preference_matrix`` calls
-    wall_s:      total wall-clock seconds spent in ``preference_matrix``
+    calls:       ``preference_matrix`` / ``testpoint_scores`` calls
+    wall_s:      total wall-clock seconds spent in them
     """
 
     requests: int = 0
@@ -141,6 +160,27 @@ def parse_preference(text: Optional[str]) -> Optional[float]:
     if one == two:
         return None
     return 1.0 if one else 0.0
+
+
+def parse_testpoints(text: Optional[str], num_testpoints: int) -> list[Optional[bool]]:
+    """Verdicts ``N: yes`` / ``N: no`` (1-based) from the last ``<answer>`` block.
+
+    A testpoint with no verdict, or with conflicting ones, is None; so is every
+    testpoint when the reply has no answer block.
+    """
+    verdicts: list[Optional[bool]] = [None] * num_testpoints
+    if not isinstance(text, str):
+        return verdicts
+    blocks = _ANSWER_RE.findall(text)
+    if not blocks:
+        return verdicts
+    seen: dict[int, set[bool]] = {}
+    for number, word in _TESTPOINT_RE.findall(blocks[-1]):
+        seen.setdefault(int(number), set()).add(word.lower() == "yes")
+    for number, values in seen.items():
+        if 1 <= number <= num_testpoints and len(values) == 1:
+            verdicts[number - 1] = values.pop()
+    return verdicts
 
 
 def encode_png_data_url(image: np.ndarray) -> str:
@@ -178,6 +218,8 @@ class VLMJudge:
       max_tokens, temperature: sampling settings sent with each request.
       prompt_template: overrides :data:`DEFAULT_PAIRWISE_PROMPT`; must contain
         ``{prompt}``.
+      testpoint_template: overrides :data:`DEFAULT_TESTPOINT_PROMPT`; must
+        contain ``{prompt}`` and ``{testpoints}``.
     """
 
     def __init__(
@@ -194,6 +236,7 @@ class VLMJudge:
         max_tokens: int = 2048,
         temperature: float = 0.0,
         prompt_template: str = DEFAULT_PAIRWISE_PROMPT,
+        testpoint_template: str = DEFAULT_TESTPOINT_PROMPT,
     ):
         if not isinstance(base_url, str) or not base_url.strip():
             raise ValueError("base_url must be a non-empty string such as 'http://127.0.0.1:8080'")
@@ -215,6 +258,9 @@ class VLMJudge:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not isinstance(prompt_template, str) or _PROMPT_FIELD not in prompt_template:
             raise ValueError("prompt_template must be a string containing '{prompt}'")
+        if not isinstance(testpoint_template, str) or _PROMPT_FIELD not in testpoint_template \
+                or _TESTPOINTS_FIELD not in testpoint_template:
+            raise ValueError("testpoint_template must be a string containing '{prompt}' and '{testpoints}'")
 
         self.base_url = base_url
         self.url = base_url + "/v1/chat/completions"
@@ -228,6 +274,7 @@ class VLMJudge:
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.prompt_template = prompt_template
+        self.testpoint_template = testpoint_template
 
         self._api_key: Optional[str] = None
         if api_key_env is not None:
@@ -301,7 +348,7 @@ class VLMJudge:
 
     # ------------------------------------------------------------ validation
     @staticmethod
-    def _validate(prompts: Sequence[str], images) -> np.ndarray:
+    def _validate(prompts: Sequence[str], images, min_group: int = 2) -> np.ndarray:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of strings, one per image group")
         if not all(isinstance(p, str) for p in prompts):
@@ -312,7 +359,7 @@ class VLMJudge:
         n, g, h, w, _ = arr.shape
         if n != len(prompts):
             raise ValueError(f"images hold {n} groups but {len(prompts)} prompts were given")
-        if g < 2:
+        if g < min_group:
             raise ValueError(f"need at least 2 images per group to compare, got G={g}")
         if h < 1 or w < 1:
             raise ValueError(f"images must be non-empty, got H={h}, W={w}")
@@ -326,16 +373,14 @@ class VLMJudge:
         return arr
 
     # ---------------------------------------------------------------- HTTP
-    def _payload(self, prompt: str, url1: str, url2: str) -> bytes:
-        text = self.prompt_template.replace(_PROMPT_FIELD, prompt)
+    def _payload(self, text: str, urls: Sequence[str]) -> bytes:
         body = {
             "model": self.model,
             "messages": [
                 {
                     "role": "user",
                     "content": [
-                        {"type": "image_url", "image_url": {"url": url1}},
-                        {"type": "image_url", "image_url": {"url": url2}},
+                        *({"type": "image_url", "image_url": {"url": u}} for u in urls),
                         {"type": "text", "text": text},
                     ],
                 }
@@ -414,9 +459,9 @@ class VLMJudge:
                     if delay > 0:
                         time.sleep(delay)
                     continue
-                self._bump(failed=1, ties=1)
+                self._bump(failed=1)
                 tries = attempt + 1
-                logger.warning("judge request failed (%s, %d attempt%s) at %s: %s -> tie",
+                logger.warning("judge request failed (%s, %d attempt%s) at %s: %s",
                                where, tries, "" if tries == 1 else "s", self.url,
                                self._redact(f.reason))
                 return None, self._redact(f.reason)
@@ -424,8 +469,11 @@ class VLMJudge:
     def _judge(self, prompt: str, url1: str, url2: str, where: str) -> tuple[float, Optional[str]]:
         """(score of Image 1 in {0, .5, 1}, failure reason or None)."""
         self._bump(requests=1)
-        text, error = self._request(self._payload(prompt, url1, url2), where)
+        text = self.prompt_template.replace(_PROMPT_FIELD, prompt)
+        text, error = self._request(self._payload(text, (url1, url2)), where)
         if text is None:
+            self._bump(ties=1)
+            logger.warning("judge %s scored a tie: no answer", where)
             return 0.5, error
         score = parse_preference(text)
         if score is None:
@@ -434,6 +482,14 @@ class VLMJudge:
             logger.warning("judge answer unparseable (%s): ...%r -> tie", where, snippet)
             return 0.5, None
         return score, None
+
+    def _raise_if_all_failed(self, errors: Sequence[Optional[str]]) -> None:
+        """An unreachable judge must not turn silently into ties or NaNs."""
+        if errors and all(e is not None for e in errors):
+            raise JudgeUnavailableError(
+                f"all {len(errors)} judge requests to {self.url} failed "
+                f"(model {self.model!r}); last error: {errors[-1]}"
+            )
 
     # ----------------------------------------------------------------- API
     def preference_matrix(self, prompts: Sequence[str], images) -> np.ndarray:
@@ -467,12 +523,7 @@ class VLMJudge:
         finally:
             self._bump(calls=1, wall_s=time.perf_counter() - t0)
 
-        if all(error is not None for _, error in results):
-            last = results[-1][1]
-            raise JudgeUnavailableError(
-                f"all {len(results)} judge requests to {self.url} failed "
-                f"(model {self.model!r}); last error: {last}"
-            )
+        self._raise_if_all_failed([error for _, error in results])
 
         acc = np.zeros((n, g, g), dtype=np.float64)
         cnt = np.zeros((n, g, g), dtype=np.float64)
@@ -485,3 +536,54 @@ class VLMJudge:
         P[:, iu, ju] = upper
         P[:, ju, iu] = 1.0 - upper
         return P.astype(np.float32)
+
+    def testpoint_scores(self, prompts: Sequence[str], images,
+                         testpoints: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Yes/no verdicts on each image's testpoints, one request per image.
+
+        Args:
+          prompts: ``N`` captions.
+          images: ``[N, H, W, 3]`` in [0, 1].
+          testpoints: ``N`` lists of questions (at least one each).
+
+        Returns:
+          ``N`` float32 arrays ``[K_n]``: 1.0 (yes), 0.0 (no), NaN where the
+          judge gave no usable verdict (failed request or unparseable line;
+          counted in :attr:`stats` and logged).
+
+        Raises:
+          JudgeUnavailableError: every request failed.
+        """
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape [N, H, W, 3], got {images.shape}")
+        arr = self._validate(prompts, images[:, None], min_group=1)[:, 0]
+        if len(testpoints) != len(prompts) or any(
+                isinstance(tp, str) or not tp or not all(isinstance(q, str) and q.strip() for q in tp)
+                for tp in testpoints):
+            raise ValueError("testpoints must hold one non-empty list of question strings per prompt")
+        t0 = time.perf_counter()
+        pool = self._pool()
+        urls = list(pool.map(encode_png_data_url, arr))
+
+        def run(n: int) -> tuple[np.ndarray, Optional[str]]:
+            listing = "\n".join(f"{k + 1}. {q.strip()}" for k, q in enumerate(testpoints[n]))
+            text = self.testpoint_template.replace(_PROMPT_FIELD, prompts[n]).replace(
+                _TESTPOINTS_FIELD, listing)
+            self._bump(requests=1)
+            reply, error = self._request(self._payload(text, (urls[n],)), f"image {n}")
+            verdicts = parse_testpoints(reply, len(testpoints[n]))
+            if reply is not None and None in verdicts:
+                self._bump(unparseable=1)
+                snippet = " ".join(self._redact(reply).split())[-160:]
+                logger.warning("judge answer for image %d has no verdict for testpoint(s) %s: ...%r",
+                               n, [k + 1 for k, v in enumerate(verdicts) if v is None], snippet)
+            scores = np.array([np.nan if v is None else float(v) for v in verdicts], np.float32)
+            return scores, error
+
+        try:
+            results = list(pool.map(run, range(len(prompts))))
+        finally:
+            self._bump(calls=1, wall_s=time.perf_counter() - t0)
+        self._raise_if_all_failed([error for _, error in results])
+        return [scores for scores, _ in results]
