@@ -53,10 +53,6 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(in_channels=64, out_channels=64, hidden_size=64, num_heads=2, depth=1,
                  depth_single=1, axes_dim=[8, 12, 12], context_dim=32, vec_dim=16,
                  guidance_embed=True),
-    # Twice as deep as tiny (second size of the memory benchmark at --size tiny).
-    "tiny2": dict(in_channels=64, out_channels=64, hidden_size=64, num_heads=2, depth=2,
-                  depth_single=2, axes_dim=[8, 12, 12], context_dim=32, vec_dim=16,
-                  guidance_embed=True),
     # "Medium" CPU config: FLUX.1 block structure at hidden 256, 2 + 4 blocks (9.3M params).
     "medium": dict(in_channels=64, out_channels=64, hidden_size=256, num_heads=4, depth=2,
                    depth_single=4, axes_dim=[8, 28, 28], context_dim=256, vec_dim=128,
