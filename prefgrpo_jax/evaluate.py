@@ -68,8 +68,10 @@ def load_testpoint_prompts(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: needs a non-empty \"testpoints\" list")
         testpoints = []
         for tp in raw:
-            text, dim = (tp, row.get("dimension")) if isinstance(tp, str) else (
-                (tp.get("text"), tp.get("dimension", row.get("dimension"))) if isinstance(tp, dict) else (None, None))
+            if isinstance(tp, dict):
+                text, dim = tp.get("text"), tp.get("dimension", row.get("dimension"))
+            else:
+                text, dim = tp, row.get("dimension")
             if not isinstance(text, str) or not text.strip() or not isinstance(dim, str) or not dim.strip():
                 raise ValueError(f"{where}: every testpoint needs a question and a dimension (its own "
                                  f"\"dimension\" or the prompt's), got {tp!r}")
