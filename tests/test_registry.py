@@ -154,17 +154,19 @@ def test_config_dict_spec_and_options():
 
 
 def test_register_reward():
+    # A name no module registers: other tests import prefgrpo_jax.toyworld.reward,
+    # which adds 'verifier' to the global registry.
     factories = dict(reg.REWARD_FACTORIES)
-    verifier = lambda **kw: reg.pointwise_source("verifier", lambda prompts, images: SCORES)
-    reg.register_reward("verifier", verifier, factories=factories)
-    assert "verifier" in reg.known_rewards(factories)
-    assert "verifier" not in reg.REWARD_FACTORIES  # the global registry is untouched
+    custom = lambda **kw: reg.pointwise_source("custom_score", lambda prompts, images: SCORES)
+    reg.register_reward("custom_score", custom, factories=factories)
+    assert "custom_score" in reg.known_rewards(factories)
+    assert "custom_score" not in reg.REWARD_FACTORIES  # the global registry is untouched
     with pytest.raises(ValueError, match="already registered"):
-        reg.register_reward("verifier", verifier, factories=factories)
-    reg.register_reward("verifier", verifier, factories=factories, overwrite=True)
+        reg.register_reward("custom_score", custom, factories=factories)
+    reg.register_reward("custom_score", custom, factories=factories, overwrite=True)
     for bad in ("", "a/b", None):
         with pytest.raises(ValueError):
-            reg.register_reward(bad, verifier, factories=factories)
+            reg.register_reward(bad, custom, factories=factories)
     with pytest.raises(TypeError):
         reg.register_reward("x", 3, factories=factories)
     with pytest.raises(TypeError, match="not a RewardSource"):
