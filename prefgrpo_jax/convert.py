@@ -11,13 +11,17 @@ Target keys are NNX state paths joined with ``.`` (e.g.
 ``double_blocks.img_attn.qkv.kernel``); stacked (scanned) layers carry the
 layer index as the leading axis of the array, not in the key.
 
+Source tensors are lazy (``lazy_tensors``): a mapping's transposes, stacks and
+concatenations are views, and ``build_model`` with ``shardings`` reads, for
+each device, only the box of each parameter that device holds.
+
 Never pickle: only ``*.safetensors`` files are read.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,11 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file
+
+from prefgrpo_jax import lazy_tensors
+from prefgrpo_jax.lazy_tensors import LazyTensor
 
 # target key -> (source name, array). The source name is kept so errors name the
 # tensor the user actually has in their checkpoint.
-TensorMap = dict[str, tuple[str, np.ndarray]]
+TensorMap = dict[str, tuple[str, LazyTensor]]
+# A source tensor: lazy (read from a file on demand) or already in memory.
+Tensor = LazyTensor | np.ndarray
 M = TypeVar("M", bound=nnx.Module)
 
 
@@ -44,7 +52,7 @@ class SourceTensors:
     reported as unexpected, whatever was asked for but absent as missing.
     """
 
-    def __init__(self, tensors: dict[str, np.ndarray], origin: str = "checkpoint"):
+    def __init__(self, tensors: dict[str, Tensor], origin: str = "checkpoint"):
         self._tensors = dict(tensors)
         self._used: set[str] = set()
         self.missing: list[str] = []
@@ -57,15 +65,15 @@ class SourceTensors:
     def keys(self) -> list[str]:
         return list(self._tensors)
 
-    def take(self, name: str) -> np.ndarray | None:
+    def take(self, name: str) -> LazyTensor | None:
         """Returns the tensor ``name`` (recording its use) or records it missing."""
         if name not in self._tensors:
             self.missing.append(name)
             return None
         self._used.add(name)
-        return self._tensors[name]
+        return lazy_tensors.as_lazy(self._tensors[name])
 
-    def maybe(self, name: str) -> np.ndarray | None:
+    def maybe(self, name: str) -> LazyTensor | None:
         """Like ``take`` but an absent tensor is not an error (optional weights)."""
         if name not in self._tensors:
             return None
@@ -79,8 +87,8 @@ def stack_layers(
     src: SourceTensors,
     name_fmt: str,
     n: int,
-    transform: Callable[[np.ndarray], np.ndarray] = lambda a: a,
-) -> tuple[str, np.ndarray] | None:
+    transform: Callable[[LazyTensor], LazyTensor] = lambda a: a,
+) -> tuple[str, LazyTensor] | None:
     """Stacks ``name_fmt.format(i)`` for i < n along a new leading axis.
 
     Returns ``(source pattern, array [n, ...])`` or None if any layer is missing
@@ -97,28 +105,28 @@ def stack_layers(
             for i in odd
         )
         return None
-    return name_fmt.format("*"), np.stack(arrays)
+    return name_fmt.format("*"), lazy_tensors.stack(arrays)
 
 
-def put(out: TensorMap, target: str, source: str, array: np.ndarray | None) -> None:
+def put(out: TensorMap, target: str, source: str, array: Tensor | None) -> None:
     """Adds ``target <- array`` unless the source was missing (already recorded)."""
     if array is not None:
-        out[target] = (source, array)
+        out[target] = (source, lazy_tensors.as_lazy(array))
 
 
-def put_stacked(out: TensorMap, target: str, stacked: tuple[str, np.ndarray] | None) -> None:
+def put_stacked(out: TensorMap, target: str, stacked: tuple[str, LazyTensor] | None) -> None:
     if stacked is not None:
         out[target] = stacked
 
 
-def linear_kernel(w: np.ndarray) -> np.ndarray:
+def linear_kernel(w: Tensor) -> LazyTensor:
     """torch Linear weight [out, in] -> Flax kernel [in, out]."""
-    return np.ascontiguousarray(w.T)
+    return lazy_tensors.transpose(w, (1, 0))
 
 
-def conv_kernel(w: np.ndarray) -> np.ndarray:
+def conv_kernel(w: Tensor) -> LazyTensor:
     """torch Conv2d weight [out, in, kh, kw] -> Flax kernel [kh, kw, in, out]."""
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    return lazy_tensors.transpose(w, (2, 3, 1, 0))
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +139,12 @@ _SINGLE_FILE_NAMES = (
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file, a sharded checkpoint or a component dir.
+    """Every tensor of :func:`open_safetensors` read into memory (small files, tests)."""
+    return {name: tensor.read() for name, tensor in open_safetensors(path).items()}
+
+
+def open_safetensors(path: str | Path) -> dict[str, LazyTensor]:
+    """Lazy views of a ``.safetensors`` file, a sharded checkpoint or a component dir.
 
     Args:
       path: a ``*.safetensors`` file; a ``*.safetensors.index.json`` file; or a
@@ -139,10 +152,12 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         ``save_pretrained`` layout).
 
     Returns:
-      name -> numpy array (bf16 tensors come back as ``ml_dtypes.bfloat16``).
+      name -> lazy tensor; nothing but the headers is read until a box of one is
+      (bf16 tensors come back as ``ml_dtypes.bfloat16``).
 
     Raises:
       FileNotFoundError: naming what was expected where.
+      lazy_tensors.CorruptWeightsError: a truncated or garbled file, named.
     """
     path = Path(path)
     if path.is_dir():
@@ -151,10 +166,10 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             return _read_sharded(indexes[0])
         for name in _SINGLE_FILE_NAMES:
             if (path / name).is_file():
-                return load_file(str(path / name))
+                return _open_file(path / name)
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
-            return load_file(str(files[0]))
+            return _open_file(files[0])
         if not files:
             pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(
                 p.name for p in path.glob("*.pt*")
@@ -177,14 +192,18 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"Weights file {path} does not exist.")
-        return load_file(str(path))
+        return _open_file(path)
     raise FileNotFoundError(
         f"{path} is neither a directory, a .safetensors file nor a "
         "*.safetensors.index.json; only safetensors weights are supported."
     )
 
 
-def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
+def _open_file(path: Path) -> dict[str, LazyTensor]:
+    return dict(lazy_tensors.SafetensorsFile(path).tensors)
+
+
+def _read_sharded(index_path: Path) -> dict[str, LazyTensor]:
     index = json.loads(index_path.read_text())
     weight_map: dict[str, str] = index.get("weight_map", {})
     shards = sorted(set(weight_map.values()))
@@ -194,9 +213,9 @@ def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
             f"{index_path} lists shards that do not exist: {missing} (in "
             f"{index_path.parent}). Re-download or re-save the checkpoint."
         )
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, LazyTensor] = {}
     for shard in shards:
-        tensors.update(load_file(str(index_path.parent / shard)))
+        tensors.update(_open_file(index_path.parent / shard))
     absent = sorted(set(weight_map) - set(tensors))
     if absent:
         raise FileNotFoundError(
@@ -255,6 +274,7 @@ def build_model(
     src: SourceTensors,
     *,
     dtype: jnp.dtype | None = None,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
 ) -> M:
     """Builds ``factory()`` with the mapped tensors after checking them all.
 
@@ -266,19 +286,29 @@ def build_model(
       dtype: optional cast of every floating parameter (e.g. ``jnp.bfloat16``);
         by default the checkpoint's floating tensors are cast to the model's
         parameter dtype (fp32).
+      shardings: dotted parameter key -> sharding. Each parameter is then born
+        with it: every device's box is read from the files and cast on the host
+        (``jax.make_array_from_callback``), so no device or host ever holds a
+        full-size copy of a sharded parameter. Without it, parameters go to
+        the default device.
     """
     abstract_model = nnx.eval_shape(factory)
     abstract = _flat_abstract_state(abstract_model)
     check_mapping(abstract, mapped, src)
     graphdef, abstract_state = nnx.split(abstract_model)
+    if shardings is not None:
+        unknown = sorted(set(abstract) - set(shardings))
+        if unknown:
+            raise ValueError(f"shardings name no sharding for parameters {unknown[:10]}")
 
     def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         key = ".".join(str(p) for p in path)
-        array = mapped[key][1]
-        target = dtype if dtype is not None else leaf.dtype
-        if jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.asarray(array, dtype=target)
-        return jnp.asarray(array, dtype=leaf.dtype)
+        tensor = mapped[key][1]
+        target = np.dtype(dtype if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating)
+                          else leaf.dtype)
+        if shardings is None:
+            return jnp.asarray(tensor.read().astype(target, copy=False))
+        return load_sharded(tensor, shardings[key], target)
 
     state = nnx.from_flat_state(
         [(path, leaf.replace(fill(path, leaf))) for path, leaf in nnx.to_flat_state(abstract_state)]
@@ -286,18 +316,35 @@ def build_model(
     return nnx.merge(graphdef, state)
 
 
+def load_sharded(tensor: LazyTensor, sharding: jax.sharding.Sharding, dtype: np.dtype) -> jax.Array:
+    """``tensor`` as a global array with ``sharding``; each addressable box is read once.
+
+    Replicated boxes (several local devices holding the same index) share one read.
+    """
+    cache: dict[tuple, np.ndarray] = {}
+
+    def box(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop) for s in lazy_tensors.normalize_index(index, tensor.shape))
+        if key not in cache:
+            cache[key] = tensor.read(index).astype(dtype, copy=False)
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(tensor.shape), sharding, box)
+
+
 def load_model(
     factory: Callable[[], M],
     mapping: Callable[[SourceTensors], TensorMap],
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, Tensor],
     *,
     origin: str,
     dtype: jnp.dtype | None = None,
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
 ) -> M:
     """Maps ``tensors`` with ``mapping`` and builds the checked model."""
-    src = SourceTensors(tensors, origin=origin)
+    src = SourceTensors(dict(tensors), origin=origin)
     mapped = mapping(src)
-    return build_model(factory, mapped, src, dtype=dtype)
+    return build_model(factory, mapped, src, dtype=dtype, shardings=shardings)
 
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from prefgrpo_jax import lazy_tensors
 from prefgrpo_jax.convert import (
     SourceTensors,
     TensorMap,
@@ -47,6 +48,7 @@ from prefgrpo_jax.convert import (
     read_safetensors,
     stack_layers,
 )
+from prefgrpo_jax.lazy_tensors import LazyTensor
 
 __all__ = [
     "FluxConfig",
@@ -587,7 +589,7 @@ def _put_linear(out: TensorMap, src: SourceTensors, target: str, source: str,
         put(out, f"{target}.bias", f"{source}.bias", src.take(f"{source}.bias"))
 
 
-def _maybe_t(w: np.ndarray | None) -> np.ndarray | None:
+def _maybe_t(w: LazyTensor | None) -> LazyTensor | None:
     return None if w is None else linear_kernel(w)
 
 
@@ -609,19 +611,19 @@ def _put_fused_stacked(out: TensorMap, src: SourceTensors, target: str,
         parts = [stack_layers(src, f + suffix, n, transform) for f in source_fmts]
         if any(p is None for p in parts):
             return None
-        return label + suffix, np.concatenate([p[1] for p in parts], axis=-1)
+        return label + suffix, lazy_tensors.concatenate([p[1] for p in parts], axis=-1)
 
     put_stacked(out, f"{target}.kernel", fused(".weight", linear_kernel))
     if bias:
         put_stacked(out, f"{target}.bias", fused(".bias", lambda a: a))
 
 
-def _swap_halves(a: np.ndarray | None) -> np.ndarray | None:
+def _swap_halves(a: LazyTensor | None) -> LazyTensor | None:
     """diffusers AdaLayerNormContinuous rows are (scale, shift); BFL's are (shift, scale)."""
     if a is None:
         return None
     half = a.shape[0] // 2
-    return np.concatenate([a[half:], a[:half]], axis=0)
+    return lazy_tensors.concatenate([a[half:], a[:half]], axis=0)
 
 
 def map_diffusers(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
