@@ -70,6 +70,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("total_steps", isinstance(config.total_steps, int) and config.total_steps >= 1, "must be an integer >= 1")
     check("checkpoint_every", isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 1, "must be an integer >= 1 (steps)")
     check("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1")
+    check("params_checkpoint_every", isinstance(config.get("params_checkpoint_every", 0), int)
+          and config.get("params_checkpoint_every", 0) >= 0, "must be an integer >= 0 (steps; 0 = off)")
     check("log_every", config.log_every >= 1, "must be >= 1")
     check("image_every", config.image_every >= 0, "must be >= 0 (0 = never)")
     check("model.dtype", config.model.dtype in DTYPES, f"must be one of {DTYPES}")
@@ -163,7 +165,10 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 320
-    c.checkpoint_every = 10
+    c.checkpoint_every = 10  # full train state (params + optimizer): exact resume
+    # Params-only checkpoints (what sample/eval/export need; a third of the
+    # bytes) every this many steps in workdir/params_checkpoints; 0 = off.
+    c.params_checkpoint_every = 0
     c.keep_checkpoints = 3
     c.log_every = 1
     c.image_every = 20

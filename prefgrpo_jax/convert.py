@@ -38,6 +38,8 @@ from prefgrpo_jax.lazy_tensors import LazyTensor
 TensorMap = dict[str, tuple[str, LazyTensor]]
 # A source tensor: lazy (read from a file on demand) or already in memory.
 Tensor = LazyTensor | np.ndarray
+# (dotted parameter key, shape) -> where that parameter lives.
+ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 M = TypeVar("M", bound=nnx.Module)
 
 
@@ -274,7 +276,7 @@ def build_model(
     src: SourceTensors,
     *,
     dtype: jnp.dtype | None = None,
-    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    shardings: ShardingFn | None = None,
 ) -> M:
     """Builds ``factory()`` with the mapped tensors after checking them all.
 
@@ -286,8 +288,8 @@ def build_model(
       dtype: optional cast of every floating parameter (e.g. ``jnp.bfloat16``);
         by default the checkpoint's floating tensors are cast to the model's
         parameter dtype (fp32).
-      shardings: dotted parameter key -> sharding. Each parameter is then born
-        with it: every device's box is read from the files and cast on the host
+      shardings: ``(dotted parameter key, shape) -> sharding``. Each parameter
+        is then born with it: every device's box is read from the files and cast on the host
         (``jax.make_array_from_callback``), so no device or host ever holds a
         full-size copy of a sharded parameter. Without it, parameters go to
         the default device.
@@ -296,11 +298,6 @@ def build_model(
     abstract = _flat_abstract_state(abstract_model)
     check_mapping(abstract, mapped, src)
     graphdef, abstract_state = nnx.split(abstract_model)
-    if shardings is not None:
-        unknown = sorted(set(abstract) - set(shardings))
-        if unknown:
-            raise ValueError(f"shardings name no sharding for parameters {unknown[:10]}")
-
     def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
         key = ".".join(str(p) for p in path)
         tensor = mapped[key][1]
@@ -308,7 +305,7 @@ def build_model(
                           else leaf.dtype)
         if shardings is None:
             return jnp.asarray(tensor.read().astype(target, copy=False))
-        return load_sharded(tensor, shardings[key], target)
+        return load_sharded(tensor, shardings(key, tuple(leaf.shape)), target)
 
     state = nnx.from_flat_state(
         [(path, leaf.replace(fill(path, leaf))) for path, leaf in nnx.to_flat_state(abstract_state)]
@@ -339,7 +336,7 @@ def load_model(
     *,
     origin: str,
     dtype: jnp.dtype | None = None,
-    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    shardings: ShardingFn | None = None,
 ) -> M:
     """Maps ``tensors`` with ``mapping`` and builds the checked model."""
     src = SourceTensors(dict(tensors), origin=origin)

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from prefgrpo_jax import config as config_lib
-from prefgrpo_jax.sample import load_trained_pipeline
+from prefgrpo_jax.state import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prefgrpo_jax import sampling
+from prefgrpo_jax import convert, sampling, sharding
 from prefgrpo_jax.models import autoencoder, flux, text_encoders
 
 COMPONENTS = {
@@ -57,12 +57,17 @@ def make_velocity_fn(graphdef: nnx.GraphDef) -> sampling.VelocityFn:
     return velocity
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
 def encode_token_ids(
     clip_graph: nnx.GraphDef, t5_graph: nnx.GraphDef, clip_params: Any, t5_params: Any,
-    clip_ids: jax.Array, t5_ids: jax.Array,
+    clip_ids: jax.Array, t5_ids: jax.Array, replicated: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Token ids -> ``(txt [B,T,D], txt_ids [B,T,3], pooled [B,Dp])``, fp32."""
+    """Token ids -> ``(txt [B,T,D], txt_ids [B,T,3], pooled [B,Dp])``, fp32.
+
+    ``replicated``: the sharded encoders' weights are gathered to it first
+    (``sharding.gather``), so every device layout computes the same numbers.
+    """
+    clip_params, t5_params = sharding.gather((clip_params, t5_params), replicated)
     # diffusers' FluxPipeline feeds neither encoder an attention mask; padded
     # positions therefore take part, and we match that exactly.
     _, pooled = nnx.merge(clip_graph, clip_params)(clip_ids)
@@ -149,6 +154,9 @@ class FluxPipeline:
         remat: bool = False,
         remat_policy: str = "nothing_saveable",
         max_sequence_length: int = 512,
+        shardings: convert.ShardingFn | None = None,
+        transformer_dtype: jnp.dtype | None = None,
+        load_transformer: bool = True,
     ) -> "FluxPipeline":
         """Loads a local diffusers-format FLUX directory.
 
@@ -159,6 +167,12 @@ class FluxPipeline:
           remat: rematerialise transformer blocks in the backward pass.
           remat_policy: what ``remat`` keeps (``flux.REMAT_POLICIES``).
           max_sequence_length: T5 tokens (512 for FLUX.1-dev).
+          shardings: where each parameter of every component is born
+            (``convert.build_model``); default: the default device.
+          transformer_dtype: the transformer's parameter dtype when it differs
+            from ``dtype`` (fp32 master weights for training).
+          load_transformer: False leaves the transformer abstract (shapes only):
+            its parameters come from a checkpoint or the caller's train state.
 
         Raises:
           FileNotFoundError: naming the missing file and the expected layout.
@@ -178,11 +192,17 @@ class FluxPipeline:
         ]
         if missing:
             raise FileNotFoundError(f"{root} is missing {', '.join(missing)}. {LAYOUT_HELP}")
-        transformer = flux.load_diffusers(root / "transformer", dtype=dtype, remat=remat,
-                                          remat_policy=remat_policy)
-        vae = autoencoder.load_diffusers(root / "vae", dtype=dtype)
-        clip = text_encoders.load_clip_text(root / "text_encoder", dtype=dtype)
-        t5 = text_encoders.load_t5(root / "text_encoder_2", dtype=dtype)
+        t_dtype = dtype if transformer_dtype is None else transformer_dtype
+        if load_transformer:
+            transformer = flux.load_diffusers(root / "transformer", dtype=t_dtype, remat=remat,
+                                              remat_policy=remat_policy, shardings=shardings)
+        else:
+            transformer = flux.abstract_transformer(
+                flux.diffusers_config(root / "transformer")[0], dtype=t_dtype, remat=remat,
+                remat_policy=remat_policy)
+        vae = autoencoder.load_diffusers(root / "vae", dtype=dtype, shardings=shardings)
+        clip = text_encoders.load_clip_text(root / "text_encoder", dtype=dtype, shardings=shardings)
+        t5 = text_encoders.load_t5(root / "text_encoder_2", dtype=dtype, shardings=shardings)
         tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
         tokenizer_2 = AutoTokenizer.from_pretrained(str(root / "tokenizer_2"))
         return cls(
@@ -190,6 +210,23 @@ class FluxPipeline:
             scheduler=SchedulerSettings.from_dir(root),
             max_sequence_length=max_sequence_length,
         )
+
+    def take_transformer_params(self) -> tuple[nnx.GraphDef, Any]:
+        """``(graphdef, params)``: the caller (a train state) becomes their only owner.
+
+        The pipeline keeps the transformer abstract (shapes, dtypes, shardings),
+        so a run never holds a second copy of it.
+        """
+        graphdef, params = nnx.split(self.transformer)
+        self.transformer = nnx.merge(graphdef, jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), params))
+        return graphdef, params
+
+    def with_transformer_params(self, params: Any) -> "FluxPipeline":
+        """Installs trained ``params`` (e.g. restored from a checkpoint) in the transformer."""
+        graphdef, _ = nnx.split(self.transformer)
+        self.transformer = nnx.merge(graphdef, params)
+        return self
 
     # -- prompts -------------------------------------------------------------
 
@@ -213,7 +250,8 @@ class FluxPipeline:
         clip_graph, clip_params = nnx.split(self.text_encoder)
         t5_graph, t5_params = nnx.split(self.text_encoder_2)
         return encode_token_ids(
-            clip_graph, t5_graph, clip_params, t5_params, jnp.asarray(clip_ids), jnp.asarray(t5_ids)
+            clip_graph, t5_graph, clip_params, t5_params, jnp.asarray(clip_ids), jnp.asarray(t5_ids),
+            sharding.replicated_like((clip_params, t5_params)),
         )
 
     # -- sampling ------------------------------------------------------------

@@ -1,40 +1,20 @@
-"""``--mode=sample``: images for prompts from the latest checkpoint (or base weights)."""
+"""``--mode=sample``: images for prompts from the latest checkpoint (or base weights).
+
+Only the transformer's params are restored (no optimizer state), in
+``config.model.dtype``.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
-from prefgrpo_jax import checkpoint, grpo
-from prefgrpo_jax.train import build_optimizer, load_pipeline
+from prefgrpo_jax.state import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
-
-log = logging.getLogger(__name__)
-
-
-def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path):
-    """The config's pipeline with the transformer params of the latest checkpoint, if any."""
-    pipe = load_pipeline(config)
-    ckpt_dir = Path(workdir) / "checkpoints"
-    step = None
-    if ckpt_dir.is_dir():
-        checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-        step = checkpointer.latest_step()
-        if step is not None:
-            graphdef, params = nnx.split(pipe.transformer)
-            params = jax.tree.map(lambda a: a.astype(np.float32), params)
-            like = grpo.init_train_state(params, build_optimizer(config))
-            state, _ = checkpointer.restore(like)
-            pipe.transformer = nnx.merge(graphdef, state["params"])
-        checkpointer.close()
-    return pipe, step
-
 
 def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Writes ``workdir/samples/step_<k>/`` PNGs (one per image) and a grid."""

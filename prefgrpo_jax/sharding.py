@@ -80,6 +80,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def replicated_like(tree: Any) -> NamedSharding | None:
+    """Replicated sharding on the mesh ``tree``'s arrays live on; None off a mesh.
+
+    Frozen encoders are stored FSDP-sharded but gathered inside their jitted
+    call (``with_sharding_constraint`` to this): the weights are whole only
+    while they run, and the math is the replicated program's, identical on any
+    device layout.
+    """
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, P())
+    return None
+
+
+def gather(tree: Any, replicated: NamedSharding | None) -> Any:
+    """Inside jit: ``tree`` constrained to ``replicated`` (no-op when None)."""
+    return tree if replicated is None else jax.lax.with_sharding_constraint(tree, replicated)
+
+
 def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -24,29 +24,18 @@ import numpy as np
 from flax import nnx
 
 from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
+from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
-from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
 from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend, save_image_grid
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Metrics that measure wall time: they differ between otherwise identical runs.
 TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s")
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had NaN/Inf losses or gradients."""
-
-
-def load_pipeline(config: ml_collections.ConfigDict) -> FluxPipeline:
-    return FluxPipeline.from_pretrained(
-        config.model.path,
-        dtype=DTYPES[config.model.dtype],
-        remat=bool(config.model.get("remat", False)),
-        remat_policy=config.model.get("remat_policy", "nothing_saveable"),
-        max_sequence_length=int(config.train.get("max_sequence_length", 512)),
-    )
 
 
 def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sampling.SamplerConfig:
@@ -142,31 +131,41 @@ class Trainer:
                 f"config.train.prompts_per_step={t.prompts_per_step}: must be divisible by the "
                 f"{jax.process_count()} processes"
             )
-        self.pipe = load_pipeline(config)
         self.mesh = sharding.make_mesh(dict(config.mesh))
+        self.optimizer = build_optimizer(config)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.workdir / checkpoint.DIRECTORIES["state"], keep=config.keep_checkpoints,
+            save_every=config.checkpoint_every,
+        )
+        self.params_checkpointer = None
+        if config.params_checkpoint_every:
+            self.params_checkpointer = checkpoint.Checkpointer(
+                self.workdir / checkpoint.DIRECTORIES["params"], keep=config.keep_checkpoints,
+                save_every=config.params_checkpoint_every, kind="params",
+            )
+        # Resuming without a KL reference never reads the base transformer.
+        resuming = self.checkpointer.latest_step() is not None
+        load_base = not resuming or t.kl_beta > 0
+        # Trained params in fp32 (master weights), frozen parts in model.dtype;
+        # every component born sharded on the mesh.
+        self.pipe = state_lib.load_pipeline(config, self.mesh, transformer_dtype=jnp.float32,
+                                            load_transformer=load_base)
+        graphdef, params = self.pipe.take_transformer_params()
+        abstract_state, self.state_shardings = state_lib.train_state_shardings(
+            params, self.optimizer, config, self.mesh)
+        self.ref_params = None
+        if t.kl_beta > 0:
+            # Frozen reference = the initial weights, in a buffer of its own.
+            self.ref_params = state_lib.copy_params(params, self.state_shardings["params"])
+        # On resume the state is restored into these shardings by restore().
+        self.state = (state_lib.with_shardings(abstract_state, self.state_shardings) if resuming
+                      else state_lib.init_train_state(params, self.optimizer, self.state_shardings))
+        del params
         self.h, self.w = self.pipe.latent_hw(t.height, t.width)
         self.latent_shape = ((self.h // 2) * (self.w // 2), self.pipe.transformer.cfg.in_channels)
         self.sampler = sampler_config(config, self.latent_shape[0])
         self.grpo = grpo_config(config)
-        self.optimizer = build_optimizer(config)
-
-        graphdef, params = nnx.split(self.pipe.transformer)
         self.velocity_fn = self.pipe.velocity_fn
-        # Trainable params in fp32 (master weights) whatever the frozen parts use.
-        params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-        state = grpo.init_train_state(params, self.optimizer)
-        shard_cfg = config.get("sharding", {})
-        min_size = int(shard_cfg.get("fsdp_min_size", 2**14))
-        rules = [tuple(r) for r in shard_cfg.get("rules", ())]
-        self.state_shardings = sharding.param_shardings(state, self.mesh, min_size=min_size, rules=rules)
-        self.state = jax.device_put(state, self.state_shardings)
-        self.ref_params = None
-        if t.kl_beta > 0:
-            # Frozen reference = the initial weights; a separate buffer (the state is donated).
-            self.ref_params = jax.device_put(
-                jax.tree.map(jnp.copy, params),
-                sharding.param_shardings(params, self.mesh, min_size=min_size, rules=rules),
-            )
         repl = sharding.replicated(self.mesh)
         self.train_step = grpo.make_train_step(
             self.velocity_fn, self.sampler, self.grpo, self.optimizer,
@@ -175,9 +174,11 @@ class Trainer:
         vae_graph, vae_params = nnx.split(self.pipe.vae)
         self.vae_params = vae_params
         h, w = self.h, self.w
+        vae_replicated = sharding.replicated_like(vae_params)
 
         @jax.jit
         def decode(vae_params, packed):
+            vae_params = sharding.gather(vae_params, vae_replicated)
             return nnx.merge(vae_graph, vae_params).decode(autoencoder.unpack_latents(packed, h, w))
 
         self.decode = decode
@@ -191,9 +192,6 @@ class Trainer:
             source, self.local_prompts, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        self.checkpointer = checkpoint.Checkpointer(
-            self.workdir / "checkpoints", keep=config.keep_checkpoints, save_every=config.checkpoint_every
-        )
         self.is_chief = jax.process_index() == 0
         self.root_key = jax.random.key(config.seed)
         frozen = {
@@ -201,7 +199,8 @@ class Trainer:
             "text encoders": (nnx.split(self.pipe.text_encoder)[1], nnx.split(self.pipe.text_encoder_2)[1]),
         }
         self.summary = startup_summary(
-            config, self.mesh, params, self.state["opt_state"], frozen, self.sampler, self.grpo
+            config, self.mesh, abstract_state["params"], abstract_state["opt_state"], frozen,
+            self.sampler, self.grpo,
         )
 
     # -- one step -------------------------------------------------------------
@@ -286,6 +285,7 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is None:
             return 0
+        # self.state is abstract here: the restore is the only copy ever allocated.
         self.state, meta = self.checkpointer.restore(self.state)
         if meta.get("seed") != self.config.seed:
             raise config_lib.ConfigError(
@@ -330,8 +330,12 @@ class Trainer:
                     if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.total_steps) and self.is_chief:
                         prompts, imgs = self._last_images
                         save_image_grid(self.workdir / "images" / f"step_{done:06d}.png", imgs, prompts)
-                    stop = checkpoint.any_process(preempt.requested)
+                    # SIGTERM (GPU schedulers) or JAX's preemption sync point (TPU
+                    # maintenance events): every process checkpoints the same step.
+                    stop = checkpoint.any_process(preempt.requested) or self.checkpointer.reached_preemption(done)
                     self.checkpointer.save(done, self.state, self.meta(done), force=stop or done == cfg.total_steps)
+                    if self.params_checkpointer is not None:
+                        self.params_checkpointer.save(done, self.state["params"], self.meta(done))
                     if self.is_chief:
                         _progress(done, cfg.total_steps, start, t_start, metrics)
                     if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
@@ -352,6 +356,8 @@ class Trainer:
         finally:
             logger.close()
             self.checkpointer.close()
+            if self.params_checkpointer is not None:
+                self.params_checkpointer.close()
 
 
     def export_final(self) -> Path:

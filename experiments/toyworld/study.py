@@ -308,8 +308,6 @@ def heldout_eval(pipe, config, proxies: Proxies, base_images: np.ndarray | None 
 def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndarray,
                        train_prompts: list[str] | None = None):
     """A ``Trainer`` subclass that adds the study's per-step measurements and held-out evals."""
-    from flax import nnx
-
     from prefgrpo_jax.rewards.registry import RewardSource
     from prefgrpo_jax.train import Trainer
 
@@ -331,7 +329,7 @@ def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndar
             return wrapped
 
         def evaluate_now(self, step: int) -> None:
-            nnx.update(self.pipe.transformer, self.state["params"])
+            self.pipe.with_transformer_params(self.state["params"])
             res, images = heldout_eval(self.pipe, self.config, proxies, base_images, train_prompts)
             self.evals[step] = res
             self.eval_images[step] = images
@@ -756,7 +754,7 @@ def main(argv=None) -> dict:
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the verifier reward sources)
     from prefgrpo_jax import evaluate
     from prefgrpo_jax.rewards.pairwise import read_reward_config
-    from prefgrpo_jax.train import load_pipeline
+    from prefgrpo_jax.state import load_pipeline
     from prefgrpo_jax.train_logging import read_metrics
 
     t_start = time.perf_counter()

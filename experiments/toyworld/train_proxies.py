@@ -118,7 +118,8 @@ def sample_groups(config, prompts: list[str], key, *, chunk: int = 32) -> np.nda
 
     from prefgrpo_jax import sampling
     from prefgrpo_jax.models import autoencoder
-    from prefgrpo_jax.train import load_pipeline, sampler_config
+    from prefgrpo_jax.state import load_pipeline
+    from prefgrpo_jax.train import sampler_config
 
     t = config.train
     g = int(t.group_size)

@@ -573,7 +573,8 @@ def map_diffusers(src: SourceTensors, cfg: AutoencoderConfig) -> TensorMap:
     return out
 
 
-def load_diffusers(path: str | Path, *, dtype: jnp.dtype | None = None) -> Autoencoder:
+def load_diffusers(path: str | Path, *, dtype: jnp.dtype | None = None,
+                   shardings: convert.ShardingFn | None = None) -> Autoencoder:
     """Loads a diffusers ``AutoencoderKL`` directory (e.g. ``FLUX.1-dev/vae``).
 
     Args:
@@ -581,6 +582,7 @@ def load_diffusers(path: str | Path, *, dtype: jnp.dtype | None = None) -> Autoe
         (``diffusion_pytorch_model.safetensors`` or a sharded index).
       dtype: optional parameter dtype (e.g. ``jnp.bfloat16``); default fp32.
         Activations follow the parameter dtype.
+      shardings: where each parameter is born (``convert.build_model``).
 
     Returns:
       The ``Autoencoder``, with ``scaling_factor``/``shift_factor`` from the config.
@@ -596,7 +598,7 @@ def load_diffusers(path: str | Path, *, dtype: jnp.dtype | None = None) -> Autoe
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {path} (expected a diffusers AutoencoderKL directory).")
     cfg = AutoencoderConfig.from_diffusers(json.loads(config_file.read_text()))
-    tensors = convert.read_safetensors(path)
+    tensors = convert.open_safetensors(path)
     param_dtype = dtype if dtype is not None else jnp.float32
     return convert.load_model(
         lambda: Autoencoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype),
@@ -604,4 +606,5 @@ def load_diffusers(path: str | Path, *, dtype: jnp.dtype | None = None) -> Autoe
         tensors,
         origin=str(path),
         dtype=dtype,
+        shardings=shardings,
     )

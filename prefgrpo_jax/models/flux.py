@@ -45,7 +45,8 @@ from prefgrpo_jax.convert import (
     load_model,
     put,
     put_stacked,
-    read_safetensors,
+    ShardingFn,
+    open_safetensors,
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
@@ -60,6 +61,8 @@ __all__ = [
     "map_bfl",
     "load_diffusers",
     "load_bfl",
+    "abstract_transformer",
+    "diffusers_config",
 ]
 
 # ---------------------------------------------------------------------------
@@ -721,6 +724,27 @@ def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool, remat_policy: s
                                    remat_policy=remat_policy)
 
 
+def abstract_transformer(
+    cfg: FluxConfig, *, dtype: jnp.dtype | None = None, compute_dtype: jnp.dtype = jnp.float32,
+    remat: bool = False, remat_policy: str = "nothing_saveable",
+) -> FluxTransformer:
+    """The model with ``ShapeDtypeStruct`` parameters: its graph and shapes, no memory."""
+    return nnx.eval_shape(_factory(cfg, dtype, compute_dtype, remat, remat_policy))
+
+
+def diffusers_config(path: str | Path) -> tuple[FluxConfig, Path]:
+    """``(config, transformer directory)`` of a diffusers transformer dir or pipeline root."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+        path = path / "transformer"
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"No diffusers transformer config: {config_file} does not exist (expected a "
+            "FluxTransformer2DModel directory, e.g. <FLUX.1-dev>/transformer).")
+    return FluxConfig.from_diffusers(json.loads(config_file.read_text())), path
+
+
 def load_diffusers(
     path: str | Path,
     *,
@@ -728,6 +752,7 @@ def load_diffusers(
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
     remat_policy: str = "nothing_saveable",
+    shardings: ShardingFn | None = None,
 ) -> FluxTransformer:
     """Loads a diffusers ``FluxTransformer2DModel`` directory.
 
@@ -738,24 +763,18 @@ def load_diffusers(
       compute_dtype: activation / output dtype.
       remat: rematerialise blocks in the backward pass.
       remat_policy: what ``remat`` keeps (:data:`REMAT_POLICIES`).
+      shardings: where each parameter is born (``convert.build_model``): each
+        device's slice is read from the files straight into its sharding.
 
     Raises:
       FileNotFoundError: naming the missing ``config.json`` or weights.
       WeightMismatchError: listing every missing, unexpected or mis-shaped tensor.
     """
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
-        path = path / "transformer"
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"No diffusers transformer config: {config_file} does not exist (expected a "
-            "FluxTransformer2DModel directory, e.g. <FLUX.1-dev>/transformer).")
-    cfg = FluxConfig.from_diffusers(json.loads(config_file.read_text()))
-    tensors = read_safetensors(path)
+    cfg, path = diffusers_config(path)
+    tensors = open_safetensors(path)
     return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy),
                       lambda src: map_diffusers(src, cfg), tensors,
-                      origin=f"diffusers checkpoint {path}", dtype=dtype)
+                      origin=f"diffusers checkpoint {path}", dtype=dtype, shardings=shardings)
 
 
 _BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -779,7 +798,7 @@ def load_bfl(
     file = Path(file)
     if not file.exists():
         raise FileNotFoundError(f"BFL checkpoint {file} does not exist.")
-    tensors = read_safetensors(file)
+    tensors = open_safetensors(file)
     for prefix in _BFL_PREFIXES:
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}

@@ -375,25 +375,28 @@ def map_t5_hf(src: SourceTensors, cfg: T5Config) -> TensorMap:
     return out
 
 
-def load_t5(path: str | Path, *, dtype=None, config: T5Config | None = None) -> T5Encoder:
+def load_t5(path: str | Path, *, dtype=None, config: T5Config | None = None,
+            shardings: convert.ShardingFn | None = None) -> T5Encoder:
     """Loads a transformers ``T5EncoderModel`` directory (config.json + safetensors).
 
     Args:
       path: e.g. ``<flux>/text_encoder_2``.
       dtype: cast of the parameters (e.g. ``jnp.bfloat16``); default fp32.
       config: overrides ``config.json``.
+      shardings: where each parameter is born (``convert.build_model``).
 
     Raises:
       WeightMismatchError: listing every missing, unexpected or mis-shaped tensor.
     """
     cfg = config or T5Config.from_hf(read_hf_config(path))
-    tensors = convert.read_safetensors(path)
+    tensors = convert.open_safetensors(path)
     return convert.load_model(
         lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)),
         lambda src: map_t5_hf(src, cfg),
         tensors,
         origin=str(path),
         dtype=dtype,
+        shardings=shardings,
     )
 
 
@@ -601,7 +604,8 @@ def map_clip_text_hf(src: SourceTensors, cfg: CLIPTextConfig) -> TensorMap:
 
 
 def load_clip_text(
-    path: str | Path, *, dtype=None, config: CLIPTextConfig | None = None
+    path: str | Path, *, dtype=None, config: CLIPTextConfig | None = None,
+    shardings: convert.ShardingFn | None = None,
 ) -> CLIPTextTransformer:
     """Loads a transformers ``CLIPTextModel`` directory (e.g. ``<flux>/text_encoder``).
 
@@ -609,11 +613,12 @@ def load_clip_text(
       WeightMismatchError: listing every missing, unexpected or mis-shaped tensor.
     """
     cfg = config or CLIPTextConfig.from_hf(read_hf_config(path))
-    tensors = convert.read_safetensors(path)
+    tensors = convert.open_safetensors(path)
     return convert.load_model(
         lambda: CLIPTextTransformer(cfg, rngs=nnx.Rngs(0)),
         lambda src: map_clip_text_hf(src, cfg),
         tensors,
         origin=str(path),
         dtype=dtype,
+        shardings=shardings,
     )

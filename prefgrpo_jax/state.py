@@ -1,0 +1,140 @@
+"""The mesh-first state of a run, shared by train, sample, eval and plan.
+
+  abstract model (``nnx.eval_shape``) -> parameter shardings (``config.sharding``)
+  -> each tensor read from safetensors straight into its sharding
+  -> optimizer state created under ``jit`` with ``out_shardings``.
+
+No full-size parameter or optimizer leaf ever lands on one device (big_vision's
+"state born sharded"): FLUX.1-dev's 44 GiB fp32 master weights and 89 GiB of
+Adam moments exist only as shards. Restoring follows the same shardings, and
+sample/eval restore the parameters alone, in the dtype they compute in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from prefgrpo_jax import checkpoint, convert, grpo, sharding
+from prefgrpo_jax.pipeline import FluxPipeline
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _rules(config: ml_collections.ConfigDict) -> tuple[int, list[tuple[str, tuple]]]:
+    shard_cfg = config.get("sharding", {})
+    return int(shard_cfg.get("fsdp_min_size", 2**14)), [tuple(r) for r in shard_cfg.get("rules", ())]
+
+
+def sharding_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> convert.ShardingFn:
+    """``(dotted parameter key, shape) -> NamedSharding`` from ``config.sharding``."""
+    min_size, rules = _rules(config)
+    sizes = dict(mesh.shape)
+
+    def fn(key: str, shape: tuple[int, ...]) -> NamedSharding:
+        spec = sharding.partition_spec(key.replace(".", "/"), shape, sizes, min_size=min_size, rules=rules)
+        return NamedSharding(mesh, spec)
+
+    return fn
+
+
+def tree_shardings(tree: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree (params, optimizer state) by ``config.sharding``."""
+    min_size, rules = _rules(config)
+    return sharding.param_shardings(tree, mesh, min_size=min_size, rules=rules)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``ShapeDtypeStruct``s carrying their target shardings (restore targets)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_pipeline(
+    config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
+    transformer_dtype: jnp.dtype | None = None, load_transformer: bool = True,
+) -> FluxPipeline:
+    """The config's pipeline; with ``mesh`` every component is born sharded on it.
+
+    Frozen parts (T5, CLIP, VAE) are sharded by the same rules as the policy, so
+    they do not pin device 0.
+    """
+    return FluxPipeline.from_pretrained(
+        config.model.path,
+        dtype=DTYPES[config.model.dtype],
+        remat=bool(config.model.remat),
+        remat_policy=config.model.remat_policy,
+        max_sequence_length=int(config.train.max_sequence_length),
+        shardings=None if mesh is None else sharding_fn(config, mesh),
+        transformer_dtype=transformer_dtype,
+        load_transformer=load_transformer,
+    )
+
+
+def train_state_shardings(abstract_params: Any, optimizer: optax.GradientTransformation,
+                          config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
+    """``(abstract train state, its shardings)``; nothing is allocated."""
+    abstract = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), abstract_params)
+    return abstract, tree_shardings(abstract, config, mesh)
+
+
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: Any) -> grpo.TrainState:
+    """The train state born in ``shardings``; ``params`` are donated (no second copy)."""
+    init = jax.jit(lambda p: grpo.init_train_state(p, optimizer), out_shardings=shardings, donate_argnums=0)
+    return init(params)
+
+
+def copy_params(params: Any, shardings: Any) -> Any:
+    """A separate buffer of ``params`` (the train state is donated each step)."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+
+
+def newest_params_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path
+                             ) -> tuple[int, checkpoint.Checkpointer] | None:
+    """The newest checkpoint of either kind (full state or params-only), open; or None."""
+    best = None
+    for kind in checkpoint.KINDS:
+        directory = Path(workdir) / checkpoint.DIRECTORIES[kind]
+        if not directory.is_dir():
+            continue
+        ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints, save_every=1, kind=kind)
+        step = ckpt.latest_step()
+        if step is not None and (best is None or step > best[0]):
+            if best is not None:
+                best[1].close()
+            best = (step, ckpt)
+        else:
+            ckpt.close()
+    return best
+
+
+def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path,
+                          mesh: Mesh | None = None) -> tuple[FluxPipeline, int | None]:
+    """The pipeline with the newest checkpointed transformer, else the base weights.
+
+    With a checkpoint the base transformer is never read and no optimizer state
+    is restored: only ``params``, each leaf into its sharding and in
+    ``config.model.dtype``.
+    """
+    mesh = mesh or sharding.make_mesh(dict(config.mesh))
+    newest = newest_params_checkpoint(config, workdir)
+    if newest is None:
+        return load_pipeline(config, mesh), None
+    step, ckpt = newest
+    pipe = load_pipeline(config, mesh, load_transformer=False)
+    _, abstract = nnx.split(pipe.transformer)
+    target = with_shardings(abstract, tree_shardings(abstract, config, mesh))
+    try:
+        params = ckpt.restore_params(target, step)
+    finally:
+        ckpt.close()
+    log.info("restored the transformer of step %d from %s", step, ckpt.directory)
+    return pipe.with_transformer_params(params), step
