@@ -539,79 +539,11 @@ def jax_abstract_flux(problem: Problem, *, remat: bool = False):
     return nnx.split(model, nnx.Param)
 
 
-def jaxpr_flops(closed_jaxpr) -> dict[str, float]:
-    """FLOPs of every ``dot_general`` / ``conv`` in a (closed) jaxpr, loops unrolled.
-
-    XLA's ``cost_analysis()`` counts a while-loop body once, whatever its trip
-    count (our trajectory and train step are ``lax.scan``s over steps, blocks and
-    timestep chunks); here ``scan`` bodies are multiplied by their length and
-    ``cond`` takes the most expensive branch. A ``while`` with an unknown trip
-    count is counted once and flagged.
-    """
-    import numpy as np
-    from jax.extend import core as jcore
-
-    stats = {"dot_flops": 0.0, "unknown_while_loops": 0}
-
-    def sub_jaxprs(params):
-        for v in params.values():
-            items = v if isinstance(v, (tuple, list)) else (v,)
-            for it in items:
-                if isinstance(it, jcore.ClosedJaxpr):
-                    yield it.jaxpr
-                elif isinstance(it, jcore.Jaxpr):
-                    yield it
-
-    def walk(jaxpr, mult: float) -> None:
-        for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
-            if name == "dot_general":
-                (_, rc), (_, rb) = eqn.params["dimension_numbers"]
-                lhs, rhs = (np.array(v.aval.shape) for v in eqn.invars)
-                free_r = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
-                stats["dot_flops"] += mult * 2.0 * float(np.prod(lhs)) * float(np.prod(free_r))
-            elif name == "conv_general_dilated":
-                out = np.array(eqn.outvars[0].aval.shape)
-                rhs = np.array(eqn.invars[1].aval.shape)
-                stats["dot_flops"] += mult * 2.0 * float(np.prod(out)) * float(np.prod(rhs)) / rhs[0]
-            elif name == "scan":
-                walk(eqn.params["jaxpr"].jaxpr, mult * eqn.params["length"])
-            elif name == "cond":
-                before = stats["dot_flops"]
-                costs = []
-                for br in eqn.params["branches"]:
-                    stats["dot_flops"] = 0.0
-                    walk(br.jaxpr, mult)
-                    costs.append(stats["dot_flops"])
-                stats["dot_flops"] = before + max(costs)
-            elif name == "while":
-                stats["unknown_while_loops"] += 1
-                walk(eqn.params["body_jaxpr"].jaxpr, mult)
-            else:
-                for sub in sub_jaxprs(eqn.params):
-                    walk(sub, mult)
-
-    walk(closed_jaxpr.jaxpr, 1.0)
-    return stats
-
-
 def xla_flops(compiled) -> float | None:
     ca = compiled.cost_analysis()
     if isinstance(ca, list):
         ca = ca[0] if ca else {}
     return float(ca["flops"]) if ca and "flops" in ca else None
-
-
-def memory_stats(compiled) -> dict[str, int] | None:
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-            "temp_size_in_bytes", "generated_code_size_in_bytes")
-    out = {k.replace("_size_in_bytes", "_bytes"): int(getattr(ma, k)) for k in keys}
-    out["peak_estimate_bytes"] = (out["argument_bytes"] + out["output_bytes"]
-                                  - out["alias_bytes"] + out["temp_bytes"])
-    return out
 
 
 # ---------------------------------------------------------------------------

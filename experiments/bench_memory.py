@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from experiments import bench_common as bc
+from prefgrpo_jax import program_analysis
 
 GIB = 2**30
 SIZES = {
@@ -84,7 +85,7 @@ def compile_worker(problem: dict, remat: bool, groups: list[int], steps: int) ->
         t = time.perf_counter()
         compiled = step_fn.lower(state, batch, key).compile()
         out.append({"group": g, "compile_s": time.perf_counter() - t,
-                    **bc.memory_stats(compiled)})
+                    **program_analysis.memory_stats(compiled)})
     return {"per_group": out}
 
 
@@ -102,7 +103,7 @@ def analyse_worker(problem: dict, remat: bool, groups: list[int], run_group: int
     t = time.perf_counter()
     compiled = step_fn.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t
-    stats = bc.memory_stats(compiled)
+    stats = program_analysis.memory_stats(compiled)
     per_group = sorted(per_group + [{"group": run_group, "compile_s": compile_s, **stats}],
                        key=lambda r: r["group"])
     peak_setup = bc.reset_peak_rss()

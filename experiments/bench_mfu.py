@@ -3,7 +3,7 @@
 FLOPs of a GRPO train step and of a sampling trajectory are taken three ways:
 
 * ``jaxpr``: every ``dot_general`` in the step's jaxpr, ``scan`` bodies times
-  their trip count (``bench_common.jaxpr_flops``) -- the number used for MFU;
+  their trip count (``program_analysis.jaxpr_flops``) -- the number used for MFU;
 * ``xla_cost_analysis``: ``jax.jit(...).lower(...).compile().cost_analysis()``.
   XLA counts a while-loop body once regardless of its trip count, and both the
   trajectory and the train step are scans (over steps / timestep chunks and over
@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from experiments import bench_common as bc
+from prefgrpo_jax import program_analysis
 
 SIZES = {
     "tiny": dict(problem="tiny", group=2, steps=4, reps=2, matmul_n=512),
@@ -65,7 +66,7 @@ def worker(problem: dict, group: int, steps: int, reps: int, matmul_n: int) -> d
                                 latent_shape=(L, C))
     compiled = sampling.sample_trajectory.lower(velocity_fn, sampler, params, key, cond,
                                                 (L, C)).compile()
-    jflops = bc.jaxpr_flops(jax.make_jaxpr(traj_fn)(params, key, cond))
+    jflops = program_analysis.jaxpr_flops(jax.make_jaxpr(traj_fn)(params, key, cond))
     timing = bc.timed(lambda: jax.block_until_ready(traj_fn(params, key, cond)), reps=reps)
     traj = traj_fn(params, key, cond)
     out["sampling"] = {
@@ -82,7 +83,7 @@ def worker(problem: dict, group: int, steps: int, reps: int, matmul_n: int) -> d
     state = grpo.init_train_state(params, opt)
     step_fn = grpo.make_train_step(velocity_fn, sampler, gcfg, opt)
     raw_step = grpo.make_train_step(velocity_fn, sampler, gcfg, opt, jit=False)
-    jflops = bc.jaxpr_flops(jax.make_jaxpr(raw_step)(state, batch, key))
+    jflops = program_analysis.jaxpr_flops(jax.make_jaxpr(raw_step)(state, batch, key))
     compiled = step_fn.lower(state, batch, key).compile()
     holder = {"state": state}
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import bench_common as bc
+from prefgrpo_jax import program_analysis
 
 SIZES = {
     "tiny": dict(problem="tiny", group=2, steps=4, reps_jax=2, reps_torch=1),
@@ -201,7 +202,7 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
             "timestep_chunk": timestep_chunk, "rss_after_setup_mib": rss0,
             "rss_before_steps_mib": rss1,
             "peak_rss_setup_mib": setup_peak, "peak_rss_steps_mib": bc.peak_rss_mib(),
-            "memory_analysis": bc.memory_stats(compiled)}
+            "memory_analysis": program_analysis.memory_stats(compiled)}
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import ml_collections
 from prefgrpo_jax import sampling
 from prefgrpo_jax.models.flux import REMAT_POLICIES
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "plan")
+PLAN_PRESETS = ("", "flux1-dev")
 DTYPES = ("float32", "bfloat16")
 EVAL_JUDGES = ("toy_verifier", "vlm_judge")
 
@@ -78,9 +79,16 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("model.remat_policy", config.model.get("remat_policy", REMAT_POLICIES[0]) in REMAT_POLICIES,
           f"must be one of {REMAT_POLICIES}")
     path = Path(str(config.model.path)) if config.model.path else None
-    check("model.path", path is not None and (path / "model_index.json").is_file(),
-          "must be a local diffusers-format FLUX directory containing model_index.json "
-          "(set --config.model.path=/path/to/FLUX.1-dev)")
+    plan = config.get("plan", ml_collections.ConfigDict({"preset": "", "devices": 8, "device_memory_gib": 80.0}))
+    if not (mode == "plan" and plan.preset):
+        check("model.path", path is not None and (path / "model_index.json").is_file(),
+              "must be a local diffusers-format FLUX directory containing model_index.json "
+              "(set --config.model.path=/path/to/FLUX.1-dev, or --config.plan.preset=flux1-dev "
+              "with --mode=plan)")
+    if mode == "plan":
+        check("plan.preset", plan.preset in PLAN_PRESETS, f"must be one of {PLAN_PRESETS} ('' = model.path's config.json files)")
+        check("plan.devices", isinstance(plan.devices, int) and plan.devices >= 1, "must be an integer >= 1 (simulated devices)")
+        check("plan.device_memory_gib", plan.device_memory_gib > 0, "must be > 0 (memory of one device, GiB)")
     check("train.group_size", isinstance(t.group_size, int) and t.group_size >= 2,
           "must be an integer >= 2 (win rates compare images within a group)")
     check("train.prompts_per_step", isinstance(t.prompts_per_step, int) and t.prompts_per_step >= 1,
@@ -249,6 +257,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_steps = 20
     c.eval.batch_size = 20
     c.eval.seed = 1234
+
+    # --mode=plan: compile this config's programs for a topology (simulated CPU
+    # devices) and report per-device memory, FLOPs and collectives.
+    c.plan = ml_collections.ConfigDict()
+    c.plan.preset = ""  # "flux1-dev": model shapes without weights; "" = model.path's config.json
+    c.plan.devices = 8
+    c.plan.device_memory_gib = 80.0
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ["a photo of a cat holding a sign that says hello world"]

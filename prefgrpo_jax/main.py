@@ -2,9 +2,12 @@
 
 Modes: ``train`` (default; re-running with the same --workdir resumes from the
 latest checkpoint), ``sample`` (images for prompts from the latest checkpoint,
-or the base weights when there is none) and ``eval`` (per-dimension scores on
-the held-out prompt set).
+or the base weights when there is none), ``eval`` (per-dimension scores on
+the held-out prompt set) and ``plan`` (compile the run's programs for
+``config.plan.devices`` simulated devices and report whether it fits).
 """
+
+import sys
 
 import logging as std_logging
 
@@ -13,7 +16,7 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/tiny.py", "ml_collections config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard and images.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "plan"], "What to run.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -21,12 +24,19 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = FLAGS.config
+    import jax
+
     from prefgrpo_jax import sharding
 
     # Before anything touches a JAX backend.
-    sharding.initialize_distributed(config.distributed)
+    if FLAGS.mode == "plan":
+        # The topology is simulated: N host devices stand in for the accelerators.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(config.plan.devices))
+    else:
+        sharding.initialize_distributed(config.distributed)
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the toy verifier rewards)
-    from prefgrpo_jax import evaluate, sample, train
+    from prefgrpo_jax import evaluate, plan, sample, train
 
     # Our own messages at INFO; the libraries' INFO chatter (orbax writes ~200
     # lines per run) only when asked for with --verbosity=0.
@@ -37,6 +47,8 @@ def main(argv):
         train.train(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
         sample.sample(config, FLAGS.workdir)
+    elif FLAGS.mode == "plan":
+        plan.plan(config, FLAGS.workdir, command=" ".join(["python -m prefgrpo_jax.main", *sys.argv[1:]]))
     else:
         evaluate.evaluate(config, FLAGS.workdir)
 

@@ -16,6 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from experiments import bench_common, benchmark  # noqa: E402
+from prefgrpo_jax import program_analysis  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +129,7 @@ def test_flop_counter_matches_analytic():
     vf = bench_common.jax_velocity_fn(graphdef)
     cond = bench_common.jax_cond(bench_common.make_cond_np(prob, 3))
     x = jnp.zeros((3, prob.num_img_tokens, 64))
-    counted = bench_common.jaxpr_flops(jax.make_jaxpr(vf)(params, x, jnp.ones((3,)), cond))
+    counted = program_analysis.jaxpr_flops(jax.make_jaxpr(vf)(params, x, jnp.ones((3,)), cond))
     analytic = bench_common.forward_flops(prob.model_kwargs(), 3, prob.num_img_tokens,
                                           prob.text_len)
     assert counted["dot_flops"] == pytest.approx(analytic["total"], rel=1e-9)

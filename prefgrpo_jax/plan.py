@@ -1,0 +1,270 @@
+"""``--mode=plan``: will this config fit that topology? Answered before renting it.
+
+Builds the run's exact sampling and training programs abstractly (no weights:
+``nnx.eval_shape`` models, ``ShapeDtypeStruct`` inputs carrying the shardings
+the trainer gives them) on ``plan.devices`` simulated CPU devices, compiles
+them with XLA, and reports per device: the sharded train state and frozen
+parts, each program's temporaries (XLA's memory analysis), the peak, FLOPs and
+collective bytes per step, and whether it fits ``plan.device_memory_gib``.
+
+Model shapes come from ``config.model.path``'s ``config.json`` files, or from a
+named preset (``plan.preset="flux1-dev"``) when no weights are at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from prefgrpo_jax import config as config_lib, grpo, program_analysis, sampling, sharding
+from prefgrpo_jax import state as state_lib
+from prefgrpo_jax.models import autoencoder, flux, text_encoders
+from prefgrpo_jax.pipeline import make_velocity_fn
+
+log = logging.getLogger(__name__)
+GIB = 2**30
+PRESETS = ("flux1-dev",)
+
+
+class PlanDoesNotFitError(SystemExit):
+    """The planned run needs more memory per device than the topology has."""
+
+
+def model_configs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Transformer, T5, CLIP-text and VAE configs: a preset's or the model directory's."""
+    preset = config.plan.preset
+    if preset == "flux1-dev":
+        return {
+            "transformer": flux.FluxConfig.flux_dev(),
+            "t5": text_encoders.T5Config(),  # T5-v1.1-XXL: the class defaults
+            # FLUX.1-dev's text_encoder/config.json (OpenAI CLIP ViT-L/14 text tower).
+            "clip": text_encoders.CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                                 num_attention_heads=12, projection_dim=768,
+                                                 eos_token_id=2),
+            "vae": autoencoder.AutoencoderConfig.flux_dev(),
+        }
+    root = Path(config.model.path)
+    return {
+        "transformer": flux.diffusers_config(root / "transformer")[0],
+        "t5": text_encoders.T5Config.from_hf(text_encoders.read_hf_config(root / "text_encoder_2")),
+        "clip": text_encoders.CLIPTextConfig.from_hf(text_encoders.read_hf_config(root / "text_encoder")),
+        "vae": autoencoder.AutoencoderConfig.from_diffusers(json.loads((root / "vae" / "config.json").read_text())),
+    }
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of ``tree`` (the largest shard over devices)."""
+    total = 0
+    for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract_params(factory) -> tuple[nnx.GraphDef, Any]:
+    return nnx.split(nnx.eval_shape(factory))
+
+
+def _batch_abstract(tree: Any, mesh, batch: int) -> Any:
+    """``ShapeDtypeStruct``s: leaves with a leading batch dim sharded like the trainer's."""
+    batch_sharding, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=batch_sharding if a.shape[:1] == (batch,) else repl),
+        tree)
+
+
+def _compile(name: str, lowered) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    print(f"  compiling the {name} program ...", flush=True)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - t0
+    print(f"  compiled the {name} program in {seconds:.0f} s", flush=True)
+    return compiled, seconds
+
+
+def build_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Compiles both programs for ``config`` on the simulated devices; the report dict."""
+    from prefgrpo_jax.train import build_optimizer, grpo_config, sampler_config
+
+    p, t = config.plan, config.train
+    n_dev = jax.device_count()
+    if n_dev != p.devices:
+        raise RuntimeError(f"plan: {p.devices} devices were asked for but JAX has {n_dev}; "
+                           "run through `python -m prefgrpo_jax.main --mode=plan`, which sets them up")
+    config_lib.validate(config, mode="plan", num_devices=n_dev)
+    mesh = sharding.make_mesh(dict(config.mesh))
+    cfgs = model_configs(config)
+    model_dtype = state_lib.DTYPES[config.model.dtype]
+
+    # Policy: fp32 master weights, the trainer's shardings.
+    graphdef, params = nnx.split(flux.abstract_transformer(
+        cfgs["transformer"], dtype=jnp.float32, remat=bool(config.model.remat),
+        remat_policy=config.model.remat_policy))
+    optimizer = build_optimizer(config)
+    abstract_state, state_shardings = state_lib.train_state_shardings(params, optimizer, config, mesh)
+    state_abs = state_lib.with_shardings(abstract_state, state_shardings)
+
+    frozen = {
+        "t5": _abstract_params(lambda: text_encoders.T5Encoder(cfgs["t5"], rngs=nnx.Rngs(0), param_dtype=model_dtype))[1],
+        "clip": _abstract_params(lambda: text_encoders.CLIPTextTransformer(cfgs["clip"], rngs=nnx.Rngs(0), param_dtype=model_dtype))[1],
+        "vae": _abstract_params(lambda: autoencoder.Autoencoder(cfgs["vae"], rngs=nnx.Rngs(0), param_dtype=model_dtype))[1],
+    }
+    frozen_bytes = {k: per_device_bytes(v, state_lib.tree_shardings(v, config, mesh)) for k, v in frozen.items()}
+    ref_bytes = 0
+    ref_abs = None
+    if t.kl_beta > 0:
+        ref_abs = state_abs["params"]
+        ref_bytes = per_device_bytes(abstract_state["params"], state_shardings["params"])
+
+    # Shapes of one step.
+    f = cfgs["vae"].vae_scale_factor
+    h, w = autoencoder.latent_hw(t.height, t.width, f)
+    seq = (h // 2) * (w // 2)
+    latent_shape = (seq, cfgs["transformer"].in_channels)
+    batch = t.prompts_per_step * t.group_size
+    txt_len = int(t.max_sequence_length)
+    tc = cfgs["transformer"]
+    cond = {
+        "img_ids": jax.ShapeDtypeStruct((batch, seq, 3), jnp.float32),
+        "txt": jax.ShapeDtypeStruct((batch, txt_len, tc.context_dim), jnp.float32),
+        "txt_ids": jax.ShapeDtypeStruct((batch, txt_len, 3), jnp.float32),
+        "y": jax.ShapeDtypeStruct((batch, tc.vec_dim), jnp.float32),
+    }
+    if tc.guidance_embed:
+        cond["guidance"] = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    cond = _batch_abstract(cond, mesh, batch)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=sharding.replicated(mesh))
+    sampler = sampler_config(config, seq)
+    velocity_fn = make_velocity_fn(graphdef)
+
+    print(f"plan: {n_dev} simulated devices, mesh {dict(mesh.shape)}, {batch} images/step "
+          f"({t.prompts_per_step} prompts x {t.group_size}), {t.height}x{t.width} px "
+          f"({seq} image + {txt_len} text tokens), {t.num_steps} steps", flush=True)
+    lowered_s = sampling.sample_trajectory.lower(velocity_fn, sampler, state_abs["params"], key, cond, latent_shape)
+    sampler_flops = program_analysis.jaxpr_flops(jax.make_jaxpr(
+        lambda prm, k, c: sampling.sample_trajectory(velocity_fn, sampler, prm, k, c, latent_shape))(
+            state_abs["params"], key, cond))
+    compiled_s, secs_s = _compile("sampling", lowered_s)
+
+    traj = jax.eval_shape(lambda prm, k, c: sampling.sample_trajectory(velocity_fn, sampler, prm, k, c, latent_shape),
+                          state_abs["params"], key, cond)
+    adv = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    batch_abs = _batch_abstract(jax.eval_shape(grpo.rollout_batch, traj, adv, cond), mesh, batch)
+    grpo_cfg = grpo_config(config)
+    repl = sharding.replicated(mesh)
+    train_step = grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer,
+                                      jit_kwargs={"out_shardings": (state_shardings, repl)})
+    lowered_t = train_step.lower(state_abs, batch_abs, key, ref_abs)
+    train_flops = program_analysis.jaxpr_flops(jax.make_jaxpr(
+        grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer, jit=False))(state_abs, batch_abs, key, ref_abs))
+    compiled_t, secs_t = _compile("training", lowered_t)
+
+    mem_s = program_analysis.memory_stats(compiled_s)
+    mem_t = program_analysis.memory_stats(compiled_t)
+    coll_s = program_analysis.collective_bytes(compiled_s.as_text())
+    coll_t = program_analysis.collective_bytes(compiled_t.as_text())
+    updates = int(t.get("updates_per_rollout", 1))
+
+    params_b = per_device_bytes(abstract_state["params"], state_shardings["params"])
+    opt_b = per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
+    frozen_b = sum(frozen_bytes.values())
+    # Resident through the whole step: train state, frozen parts, KL reference.
+    resident = params_b + opt_b + frozen_b + ref_bytes
+    # Sampling: the program's temporaries and its output (the trajectory) on top.
+    peak_sampling = resident + mem_s["temp_bytes"] + mem_s["output_bytes"]
+    # Training: its arguments (state, trajectory batch, reference) + outputs not
+    # aliased to donated inputs + temporaries, beside the frozen parts.
+    peak_training = frozen_b + mem_t["peak_estimate_bytes"]
+    peak = max(peak_sampling, peak_training)
+    budget = float(p.device_memory_gib) * GIB
+    return {
+        "devices": n_dev,
+        "mesh": dict(mesh.shape),
+        "device_memory_gib": float(p.device_memory_gib),
+        "model": p.preset or str(config.model.path),
+        "images_per_step": batch,
+        "resolution": [t.height, t.width],
+        "tokens": {"image": seq, "text": txt_len},
+        "per_device_gib": {
+            "params (fp32 master)": params_b / GIB,
+            "optimizer state": opt_b / GIB,
+            **{f"frozen {k} ({config.model.dtype})": v / GIB for k, v in frozen_bytes.items()},
+            "KL reference params": ref_bytes / GIB,
+            "sampling temporaries": mem_s["temp_bytes"] / GIB,
+            "trajectory (sampling output)": mem_s["output_bytes"] / GIB,
+            "training temporaries": mem_t["temp_bytes"] / GIB,
+            "peak while sampling": peak_sampling / GIB,
+            "peak while training": peak_training / GIB,
+            "peak": peak / GIB,
+        },
+        "tflop_per_step": (sampler_flops["dot_flops"] + updates * train_flops["dot_flops"]) / 1e12,
+        "tflop_per_step_per_device": (sampler_flops["dot_flops"] + updates * train_flops["dot_flops"]) / 1e12 / n_dev,
+        "collective_gb_per_step_per_device": {
+            "sampling": coll_s["total"] / 1e9,
+            "training": updates * coll_t["total"] / 1e9,
+            "by kind (sampling)": {k: v / 1e9 for k, v in coll_s.items() if k not in ("total", "unknown_trip_counts")},
+            "by kind (training)": {k: updates * v / 1e9 for k, v in coll_t.items() if k not in ("total", "unknown_trip_counts")},
+            "loops without a known trip count (counted once)": coll_s["unknown_trip_counts"] + coll_t["unknown_trip_counts"],
+        },
+        "compile_seconds": {"sampling": secs_s, "training": secs_t},
+        "fits": peak <= budget,
+        "headroom_gib": (budget - peak) / GIB,
+        "not_counted": "VAE decode and reward-model temporaries (run between the two programs, "
+                       "small beside them); framework/runtime reservations (e.g. XLA GPU's "
+                       "preallocation fraction)",
+    }
+
+
+def report_markdown(r: dict[str, Any], command: str) -> str:
+    lines = [
+        f"## {r['model']} on {r['devices']} x {r['device_memory_gib']:g} GiB (mesh {r['mesh']})", "",
+        f"`{command}`", "",
+        f"{r['images_per_step']} images per step at {r['resolution'][0]}x{r['resolution'][1]} "
+        f"({r['tokens']['image']} image + {r['tokens']['text']} text tokens).", "",
+        "| per device | GiB |", "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.3g} |" for k, v in r["per_device_gib"].items()]
+    coll = r["collective_gb_per_step_per_device"]
+    lines += [
+        "",
+        f"- **{'fits' if r['fits'] else 'does not fit'}**: peak {r['per_device_gib']['peak']:.2f} GiB of "
+        f"{r['device_memory_gib']:g} GiB ({r['headroom_gib']:+.2f} GiB headroom)",
+        f"- FLOPs per step: {r['tflop_per_step']:.1f} TFLOP ({r['tflop_per_step_per_device']:.1f} per device)",
+        f"- collective output per step per device: sampling {coll['sampling']:.1f} GB, training "
+        f"{coll['training']:.1f} GB",
+        f"- compile time here: sampling {r['compile_seconds']['sampling']:.0f} s, training "
+        f"{r['compile_seconds']['training']:.0f} s",
+        f"- not counted: {r['not_counted']}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str | Path, command: str = "") -> dict[str, Any]:
+    """Prints the plan, writes ``workdir/plan.{json,md}``; raises ``PlanDoesNotFitError``
+    (exit status 1) when the peak exceeds ``plan.device_memory_gib``."""
+    report = build_report(config)
+    out = Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = report_markdown(report, command)
+    (out / "plan.md").write_text(md)
+    print(md, flush=True)
+    if not report["fits"]:
+        g = report["per_device_gib"]
+        raise PlanDoesNotFitError(
+            f"plan: does not fit: peak {g['peak']:.2f} GiB per device > {report['device_memory_gib']:g} GiB "
+            f"(state {g['params (fp32 master)'] + g['optimizer state']:.2f}, peak while training "
+            f"{g['peak while training']:.2f}, while sampling {g['peak while sampling']:.2f}); use more "
+            "devices (FSDP divides the state), fewer images per step, or LoRA"
+        )
+    return report

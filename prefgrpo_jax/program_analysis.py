@@ -1,0 +1,170 @@
+"""What a compiled program costs: FLOPs, memory and collective traffic.
+
+Used by ``--mode=plan`` and the benchmarks to size full-size programs built
+abstractly on simulated devices: nothing here runs the program.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+
+def jaxpr_flops(closed_jaxpr) -> dict[str, float]:
+    """FLOPs of every ``dot_general`` / ``conv`` in a (closed) jaxpr, loops unrolled.
+
+    XLA's ``cost_analysis()`` counts a while-loop body once, whatever its trip
+    count (our trajectory and train step are ``lax.scan``s over steps, blocks and
+    timestep chunks); here ``scan`` bodies are multiplied by their length and
+    ``cond`` takes the most expensive branch. A ``while`` with an unknown trip
+    count is counted once and flagged.
+    """
+    import numpy as np
+    from jax.extend import core as jcore
+
+    stats = {"dot_flops": 0.0, "unknown_while_loops": 0}
+
+    def sub_jaxprs(params):
+        for v in params.values():
+            items = v if isinstance(v, (tuple, list)) else (v,)
+            for it in items:
+                if isinstance(it, jcore.ClosedJaxpr):
+                    yield it.jaxpr
+                elif isinstance(it, jcore.Jaxpr):
+                    yield it
+
+    def walk(jaxpr, mult: float) -> None:
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+                lhs, rhs = (np.array(v.aval.shape) for v in eqn.invars)
+                free_r = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+                stats["dot_flops"] += mult * 2.0 * float(np.prod(lhs)) * float(np.prod(free_r))
+            elif name == "conv_general_dilated":
+                out = np.array(eqn.outvars[0].aval.shape)
+                rhs = np.array(eqn.invars[1].aval.shape)
+                stats["dot_flops"] += mult * 2.0 * float(np.prod(out)) * float(np.prod(rhs)) / rhs[0]
+            elif name == "scan":
+                walk(eqn.params["jaxpr"].jaxpr, mult * eqn.params["length"])
+            elif name == "cond":
+                before = stats["dot_flops"]
+                costs = []
+                for br in eqn.params["branches"]:
+                    stats["dot_flops"] = 0.0
+                    walk(br.jaxpr, mult)
+                    costs.append(stats["dot_flops"])
+                stats["dot_flops"] = before + max(costs)
+            elif name == "while":
+                stats["unknown_while_loops"] += 1
+                walk(eqn.params["body_jaxpr"].jaxpr, mult)
+            else:
+                for sub in sub_jaxprs(eqn.params):
+                    walk(sub, mult)
+
+    walk(closed_jaxpr.jaxpr, 1.0)
+    return stats
+
+
+def memory_stats(compiled) -> dict[str, int] | None:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+    out = {k.replace("_size_in_bytes", "_bytes"): int(getattr(ma, k)) for k in keys}
+    out["peak_estimate_bytes"] = (out["argument_bytes"] + out["output_bytes"]
+                                  - out["alias_bytes"] + out["temp_bytes"])
+    return out
+
+
+
+# Bytes per element of HLO element types.
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+              "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+              "f8e4m3fn": 1, "f8e5m2": 1}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][\w\-]*)\(")
+_SHAPE = re.compile(r"\b(" + "|".join(_HLO_BYTES) + r")\[([\d,]*)\]")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLEES = re.compile(r"(?:body|calls|to_apply|branch_computations)=\{?([%\w.\-, ]+)\}?")
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in dims.split(","):
+            if d:
+                n *= int(d)
+        total += n * _HLO_BYTES[dtype]
+    return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, Any]:
+    """Output bytes of every collective in an optimized, partitioned HLO module,
+    per device and per execution of the program, loops multiplied out.
+
+    While loops count ``known_trip_count`` times (XLA annotates the loops it
+    derives from ``scan``); one without it is counted once and reported. Async
+    pairs count once (at ``-start``).
+
+    Returns:
+      ``{"total": bytes, "<collective>": bytes, ..., "unknown_trip_counts": n}``.
+    """
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(2)
+            computations[current] = []
+            if m.group(1):
+                entry = current
+            continue
+        if current is not None:
+            if line.strip() == "}":
+                current = None
+            else:
+                computations[current].append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    unknown = 0
+    memo: dict[str, dict[str, float]] = {}
+
+    def total(name: str) -> dict[str, float]:
+        nonlocal unknown
+        if name in memo:
+            return memo[name]
+        memo[name] = {}  # guards against (impossible) recursion
+        acc: dict[str, float] = {}
+        for line in computations.get(name, ()):
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            result_type, op = m.groups()
+            base = op.removesuffix("-start")
+            if base in COLLECTIVES and not op.endswith("-done"):
+                acc[base] = acc.get(base, 0.0) + _shape_bytes(result_type)
+            times = 1
+            if op == "while":
+                trip = _TRIP.search(line)
+                if trip is None:
+                    unknown += 1
+                else:
+                    times = int(trip.group(1))
+            for callees in _CALLEES.findall(line):
+                for callee in callees.split(","):
+                    callee = callee.strip().lstrip("%")
+                    if callee in computations and callee != name:
+                        for k, v in total(callee).items():
+                            acc[k] = acc.get(k, 0.0) + times * v
+        memo[name] = acc
+        return acc
+
+    out = dict(total(entry))
+    out = {k: int(v) for k, v in out.items()}
+    out["total"] = int(sum(out.values()))
+    out["unknown_trip_counts"] = unknown
+    return out
