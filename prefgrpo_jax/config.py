@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from prefgrpo_jax import sampling
+from prefgrpo_jax import sampling, sharding
 from prefgrpo_jax.models.flux import REMAT_POLICIES
 
 MODES = ("train", "sample", "eval", "plan")
@@ -71,6 +71,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("total_steps", isinstance(config.total_steps, int) and config.total_steps >= 1, "must be an integer >= 1")
     check("checkpoint_every", isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 1, "must be an integer >= 1 (steps)")
     check("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1")
+    check("export.dtype", config.get("export", {}).get("dtype", "bfloat16") in DTYPES,
+          f"must be one of {DTYPES}")
     check("params_checkpoint_every", isinstance(config.get("params_checkpoint_every", 0), int)
           and config.get("params_checkpoint_every", 0) >= 0, "must be an integer >= 0 (steps; 0 = off)")
     check("log_every", config.log_every >= 1, "must be >= 1")
@@ -237,6 +239,9 @@ def base_config() -> ml_collections.ConfigDict:
     # [(regex over parameter paths, per-dimension mesh axes)], first match wins;
     # e.g. [("single_blocks/linear1/kernel", (None, "fsdp", "tensor"))].
     c.sharding.rules = []
+    # Activations: [(logical axis, mesh axes)]; the model pins its token
+    # activations to ("batch", "length", "embed") and the sampler its latent.
+    c.sharding.activation_rules = [(name, axes) for name, axes in sharding.DEFAULT_ACTIVATION_RULES]
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False
@@ -257,6 +262,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_steps = 20
     c.eval.batch_size = 20
     c.eval.seed = 1234
+
+    # The trained transformer written at the end of a run (workdir/export).
+    c.export = ml_collections.ConfigDict()
+    c.export.dtype = "bfloat16"  # or "float32" (the master weights as trained)
 
     # --mode=plan: compile this config's programs for a topology (simulated CPU
     # devices) and report per-device memory, FLOPs and collectives.

@@ -129,12 +129,17 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 class _Params:
-    """A model's parameters by dotted NNX path; records which ones were exported."""
+    """A model's parameters by dotted NNX path; records which ones were exported.
+
+    Parameters stay where they are (sharded, on device) until ``get`` brings one
+    to the host, and ``put`` casts each output at once: the host never holds the
+    fp32 model, only the output in the export dtype plus one tensor in flight.
+    """
 
     def __init__(self, model: nnx.Module, dtype: Any):
         _, state = nnx.split(model, nnx.Param)
         self._arrays = {
-            ".".join(str(p) for p in path): _to_numpy(leaf.get_value())
+            ".".join(str(p) for p in path): leaf.get_value()
             for path, leaf in nnx.to_flat_state(state)
         }
         self._dtype = _resolve_dtype(dtype)
@@ -150,7 +155,7 @@ class _Params:
             raise ExportError(f"{self.origin} has no parameter {key!r} (parameters: "
                               f"{sorted(self._arrays)[:20]} ...).")
         self._used.add(key)
-        return self._arrays[key]
+        return _to_numpy(self._arrays[key])
 
     def put(self, name: str, array: np.ndarray) -> None:
         if name in self.out:

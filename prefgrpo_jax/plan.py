@@ -93,15 +93,23 @@ def _compile(name: str, lowered) -> tuple[Any, float]:
 
 def build_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Compiles both programs for ``config`` on the simulated devices; the report dict."""
-    from prefgrpo_jax.train import build_optimizer, grpo_config, sampler_config
-
-    p, t = config.plan, config.train
+    p = config.plan
     n_dev = jax.device_count()
     if n_dev != p.devices:
         raise RuntimeError(f"plan: {p.devices} devices were asked for but JAX has {n_dev}; "
                            "run through `python -m prefgrpo_jax.main --mode=plan`, which sets them up")
     config_lib.validate(config, mode="plan", num_devices=n_dev)
     mesh = sharding.make_mesh(dict(config.mesh))
+    # Traced as the trainer traces them: activations pinned to the batch.
+    with sharding.activation_sharding(mesh, state_lib.activation_rules(config)):
+        return _build_report(config, mesh)
+
+
+def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+    from prefgrpo_jax.train import build_optimizer, grpo_config, sampler_config
+
+    p, t = config.plan, config.train
+    n_dev = jax.device_count()
     cfgs = model_configs(config)
     model_dtype = state_lib.DTYPES[config.model.dtype]
 

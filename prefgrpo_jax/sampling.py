@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefgrpo_jax import sharding
+
 STEP_MODES = ("flow", "dance")
 SCHEDULES = ("sd3", "flux")
 
@@ -349,6 +351,7 @@ def _trajectory(
     # (scanned blocks) refuse variables closed over from an outer trace level.
     def step(carry, inputs):
         x, p = carry
+        x = sharding.constrain(x, ("batch", None, None))  # the latent stays with its rows
         sigma, sigma_next, k = inputs
         t = jnp.full((batch,), model_timesteps(sigma, config.quantize_timesteps))
         v = guided_velocity(velocity_fn, p, x, t, cond, uncond, config.cfg_scale)

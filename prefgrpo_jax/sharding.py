@@ -22,6 +22,8 @@ and start-up says so.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 from collections.abc import Sequence
@@ -69,6 +71,50 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+# Logical activation axes -> mesh axes (flax lm1b / maxdiffusion style); the
+# config's sharding.activation_rules overrides them.
+DEFAULT_ACTIVATION_RULES = (("batch", BATCH_AXES), ("length", None), ("embed", None),
+                            ("heads", "tensor"), ("mlp", "tensor"))
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_ACTIVATION_RULES):
+    """Within it, ``constrain`` pins activations to ``mesh`` by logical axis ``rules``.
+
+    Read when a function is traced: wrap the calls that trace the sampler and
+    the train step. Without it ``constrain`` is a no-op (tests, one device).
+    """
+    token = _ACTIVATIONS.set((mesh, {name: axes for name, axes in rules}))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to the mesh axes its logical axes map to (one name per dim).
+
+    Without constraints XLA's propagation follows the FSDP-sharded weights into
+    the activations and moves them (all-gathers of whole activations in every
+    block); pinned to the batch, only weights are gathered. A dimension the
+    mapped axes do not divide stays unconstrained.
+    """
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    if len(logical) != x.ndim:
+        raise ValueError(f"constrain: {len(logical)} logical axes for an array of shape {x.shape}")
+    spec = []
+    for dim, name in zip(x.shape, logical):
+        axes = rules.get(name) if name else None
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        spec.append(axes if names and size > 1 and dim % size == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -53,6 +53,12 @@ def tree_shardings(tree: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> 
     return sharding.param_shardings(tree, mesh, min_size=min_size, rules=rules)
 
 
+def activation_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+    """``config.sharding.activation_rules`` as ``[(logical axis, mesh axes)]``."""
+    rules = config.get("sharding", {}).get("activation_rules", sharding.DEFAULT_ACTIVATION_RULES)
+    return [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules]
+
+
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """``ShapeDtypeStruct``s carrying their target shardings (restore targets)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

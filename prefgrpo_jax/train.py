@@ -205,6 +205,10 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------
 
+    def activations(self):
+        """Context pinning activations to the batch sharding while the step is traced."""
+        return sharding.activation_sharding(self.mesh, state_lib.activation_rules(self.config))
+
     def conditioning(self, prompts: list[str]) -> dict[str, jax.Array]:
         """Per-process prompts -> global, batch-sharded cond pytree ``[B, ...]``."""
         txt, txt_ids, pooled = self.pipe.encode_prompt(prompts)
@@ -317,7 +321,8 @@ class Trainer:
         try:
             with checkpoint.PreemptionFlag() as preempt:
                 for step in range(start, cfg.total_steps):
-                    metrics = self.step(step)
+                    with self.activations():
+                        metrics = self.step(step)
                     done = step + 1
                     metrics["step"] = done
                     nonfinite_streak = nonfinite_streak + 1 if metrics["skipped_nonfinite"] else 0
@@ -361,13 +366,14 @@ class Trainer:
 
 
     def export_final(self) -> Path:
-        """The trained transformer as a diffusers directory (drop-in ``transformer/``)."""
+        """The trained transformer as a diffusers directory (drop-in ``transformer/``),
+        in ``config.export.dtype`` (bf16 by default, as FLUX.1-dev ships)."""
         from prefgrpo_jax import export
 
         graphdef, _ = nnx.split(self.pipe.transformer)
         model = nnx.merge(graphdef, self.state["params"])
         out = self.workdir / "export" / "transformer"
-        export.save_transformer(model, out)
+        export.save_transformer(model, out, dtype=self.config.export.dtype)
         if self.is_chief:
             print(f"exported the trained transformer (diffusers format) to {out}", flush=True)
         return out

@@ -50,6 +50,7 @@ from prefgrpo_jax.convert import (
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
+from prefgrpo_jax.sharding import constrain
 
 __all__ = [
     "FluxConfig",
@@ -547,7 +548,10 @@ class FluxTransformer(nnx.Module):
         chex.assert_shape(y, (b, cfg.vec_dim))
         dt = self.dtype
 
-        x = self.img_in(img.astype(dt))
+        # Activations stay with their batch rows (a no-op outside
+        # sharding.activation_sharding): only the FSDP weights move.
+        tokens = ("batch", "length", "embed")
+        x = constrain(self.img_in(img.astype(dt)), tokens)
         vec = self.time_in(timestep_embedding(timesteps, 256).astype(dt))
         if cfg.guidance_embed:
             if guidance is None:
@@ -556,16 +560,17 @@ class FluxTransformer(nnx.Module):
             chex.assert_shape(guidance, (b,))
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).astype(dt))
         vec = vec + self.vector_in(y.astype(dt))
-        ctx = self.txt_in(txt.astype(dt))
+        ctx = constrain(self.txt_in(txt.astype(dt)), tokens)
 
         pe = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim,
                               cfg.theta)
 
         def double_body(carry, block: DoubleStreamBlock):
-            return block(carry[0], carry[1], vec, pe)
+            img_out, txt_out = block(carry[0], carry[1], vec, pe)
+            return constrain(img_out, tokens), constrain(txt_out, tokens)
 
         def single_body(carry, block: SingleStreamBlock):
-            return block(carry, vec, pe)
+            return constrain(block(carry, vec, pe), tokens)
 
         if self.remat:
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
@@ -573,7 +578,7 @@ class FluxTransformer(nnx.Module):
             single_body = nnx.remat(single_body, policy=policy)
         x, ctx = nnx.scan(double_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
             (x, ctx), self.double_blocks)
-        h = jnp.concatenate([ctx, x], axis=1)
+        h = constrain(jnp.concatenate([ctx, x], axis=1), tokens)
         h = nnx.scan(single_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
             h, self.single_blocks)
         out = self.final_layer(h[:, n_txt:], vec).astype(dt)
