@@ -10,6 +10,7 @@ exactly as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -306,10 +307,18 @@ class Trainer:
             "config": self.config.to_dict(),
         }
 
+    def trained_pipeline(self) -> FluxPipeline:
+        """The pipeline with the current trained transformer weights (everything else shared)."""
+        graphdef, _ = nnx.split(self.pipe.transformer)
+        pipe = copy.copy(self.pipe)
+        pipe.transformer = nnx.merge(graphdef, self.state["params"])
+        return pipe
+
     def run(self) -> None:
         cfg = self.config
         if self.is_chief:
             print(self.summary, flush=True)
+        evaluator = self.periodic_evaluator()
         start = self.restore()
         logger = MetricsLogger(self.workdir, enabled=self.is_chief, truncate_after=start)
         nonfinite_streak = 0
@@ -325,7 +334,10 @@ class Trainer:
                     if metrics["skipped_nonfinite"]:
                         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                                     done, nonfinite_streak)
-                    if done % cfg.log_every == 0 or done == cfg.total_steps:
+                    evaluated = evaluator is not None and done % cfg.eval.every == 0
+                    if evaluated:
+                        metrics.update(evaluator(self.trained_pipeline()))
+                    if done % cfg.log_every == 0 or done == cfg.total_steps or evaluated:
                         logger.write(done, metrics)
                     if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.total_steps) and self.is_chief:
                         prompts, imgs = self._last_images
@@ -353,6 +365,18 @@ class Trainer:
             logger.close()
             self.checkpointer.close()
 
+
+    def periodic_evaluator(self):
+        """``evaluate.PeriodicEval`` when ``eval.every`` > 0, else None."""
+        if not self.config.eval.get("every", 0):
+            return None
+        if jax.process_count() > 1:
+            raise config_lib.ConfigError(
+                f"config.eval.every={self.config.eval.every}: eval during training runs in a single "
+                "process only; set it to 0 and run --mode=eval on the checkpoints")
+        from prefgrpo_jax.evaluate import PeriodicEval
+
+        return PeriodicEval(self.config)
 
     def export_final(self) -> Path:
         """The trained transformer as a diffusers directory (drop-in ``transformer/``)."""

@@ -47,7 +47,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -262,19 +262,31 @@ def parse_reply(text: Optional[str], num_testpoints: int) -> Optional[tuple[list
     return list(analysis_list), list(score_list)
 
 
-def judge_image(judge, protocol: Protocol, item: Item, image: np.ndarray, img_path: str,
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as ``[H, W, 3]`` float32 in [0, 1] (PNG round trip is exact)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def judge_image(judge, protocol: Protocol, item: Item, image: np.ndarray | Path, img_path: str,
                 max_retries: int) -> dict[str, Any]:
     """One image's result row (the official result layout) plus ``attempts``.
 
     Args:
       judge: a :class:`~prefgrpo_jax.rewards.judge.VLMJudge`.
-      image: ``[H, W, 3]`` in [0, 1]; sent as JPEG q95, like the official client.
+      image: ``[H, W, 3]`` in [0, 1], or the path of an image file (read
+        here, so that queued jobs hold no pixels); sent as JPEG q95, like the
+        official client.
       max_retries: further requests after a reply that does not parse.
 
     ``result_json`` is None when no reply parsed (the image is skipped).
     """
     from prefgrpo_jax.rewards.judge import encode_jpeg_data_url
 
+    if isinstance(image, Path):
+        image = read_image(image)
     text = request_text(protocol, item)
     url = encode_jpeg_data_url(image)
     reply, result = None, None
@@ -295,9 +307,16 @@ def judge_image(judge, protocol: Protocol, item: Item, image: np.ndarray, img_pa
             "output": reply, "result_json": result, "img_path": img_path, "attempts": attempts}
 
 
-def judge_images(judge, protocol: Protocol, jobs: Sequence[tuple[Item, np.ndarray, str]],
+def judge_images(judge, protocol: Protocol, jobs: Iterable[tuple[Item, np.ndarray | Path, str]],
                  max_retries: int) -> list[dict[str, Any]]:
-    """:func:`judge_image` over ``(item, image, img_path)`` jobs, ``judge.max_concurrency`` at a time."""
+    """:func:`judge_image` over ``(item, image, img_path)`` jobs, ``judge.max_concurrency`` at a time.
+
+    ``jobs`` may be a generator: each job is submitted as soon as it is yielded,
+    so judging overlaps whatever produces the jobs (e.g. sampling the next batch).
+
+    Raises:
+      JudgeUnavailableError: no request got any reply.
+    """
     from prefgrpo_jax.rewards.judge import JudgeUnavailableError
 
     with ThreadPoolExecutor(max_workers=judge.max_concurrency, thread_name_prefix="unigenbench") as pool:
@@ -345,6 +364,13 @@ def score_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     overall = float(np.mean([c / t for c, t in primary.values()])) if primary else float("nan")
     return {"primary_dimensions": table(primary), "sub_dimensions": table(sub), "overall": overall,
             "images_judged": judged, "images_skipped": skipped}
+
+
+def score_table(summary: dict[str, Any]) -> dict[str, float]:
+    """``{primary dimension: accuracy, ..., "overall": mean}`` from :func:`score_results`."""
+    table = {name: v["accuracy"] for name, v in summary["primary_dimensions"].items()}
+    table["overall"] = summary["overall"]
+    return table
 
 
 def write_results_csv(path: str | Path, results: Sequence[dict[str, Any]]) -> Path:
