@@ -371,9 +371,12 @@ class Trainer:
         if not self.config.eval.get("every", 0):
             return None
         if jax.process_count() > 1:
-            raise config_lib.ConfigError(
-                f"config.eval.every={self.config.eval.every}: eval during training runs in a single "
-                "process only; set it to 0 and run --mode=eval on the checkpoints")
+            # Sampling from parameters sharded over processes and judging on one of
+            # them is not written yet; a multi-host run still trains.
+            log.warning("config.eval.every=%d is ignored with %d processes (eval during training runs "
+                        "in a single process): run --mode=eval on the checkpoints instead",
+                        self.config.eval.every, jax.process_count())
+            return None
         from prefgrpo_jax.evaluate import PeriodicEval
 
         return PeriodicEval(self.config)
