@@ -483,6 +483,28 @@ class VLMJudge:
                                self._redact(f.reason))
                 return None, self._redact(f.reason)
 
+    def served_models(self) -> list[str]:
+        """Model ids of the server's ``GET /v1/models``.
+
+        Raises:
+          RuntimeError: naming the HTTP status or connection error (API key redacted).
+        """
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        url = self.base_url + "/v1/models"
+        try:
+            with self._opener.open(urllib.request.Request(url, headers=headers), timeout=self.timeout_s) as resp:
+                obj = json.loads(resp.read().decode("utf-8"))
+            return [str(m["id"]) for m in obj["data"]]
+        except urllib.error.HTTPError as e:
+            e.close()
+            raise RuntimeError(f"HTTP {e.code} from GET {url}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise RuntimeError(self._redact(f"GET {url}: {type(e).__name__}: {e}")[:300]) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"malformed reply to GET {url} (no OpenAI model list): {type(e).__name__}") from None
+
     def complete(self, text: str, image_urls: Sequence[str], where: str = "request"
                  ) -> tuple[Optional[str], Optional[str]]:
         """One chat request (images first, then ``text``) with this client's retries.
