@@ -33,7 +33,7 @@ from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Metrics that measure wall time: they differ between otherwise identical runs.
-TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s")
+TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s", "eval_time_s")
 
 
 class NonFiniteError(RuntimeError):
