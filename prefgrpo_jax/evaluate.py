@@ -255,9 +255,32 @@ def generate_seeded(pipe, prompts: list[str], *, seed: int, height: int, width: 
         yield start, np.asarray(images)[: len(chunk)]
 
 
-def evaluate_unigenbench(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def unigenbench_setup(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, tuple]:
+    """(config to load the pipeline with, ``unigenbench.load_set`` output), before anything loads.
+
+    Fails fast: the clone is read and the eval judge answers one real request
+    (``judge_check``) before hours of sampling.
+    """
+    from prefgrpo_jax import unigenbench
+    from prefgrpo_jax.judge_check import check_eval_judge
+    from prefgrpo_jax.rewards.judge import JudgeUnavailableError
+
+    e = config.eval
+    task = unigenbench.load_set(e.unigenbench_dir, e.unigenbench_set, int(e.unigenbench.limit))
+    check = check_eval_judge(config)
+    if not check.ok:
+        raise JudgeUnavailableError("the UniGenBench judge is not ready:\n" + check.report())
+    # The text encoders' token budget is fixed when the pipeline loads: load with the protocol's.
+    load_config = ml_collections.ConfigDict(config.to_dict())
+    load_config.train.max_sequence_length = int(e.unigenbench.max_sequence_length)
+    return load_config, task
+
+
+def evaluate_unigenbench(config: ml_collections.ConfigDict, task: tuple, pipe, step: int | None,
+                         workdir: str | Path, t0: float) -> dict[str, Any]:
     """UniGenBench with the official protocol; writes images, result CSV, JSON and markdown.
 
+    ``task`` is ``unigenbench.load_set``'s (protocol, items, data issues).
     Layout under ``workdir/eval/unigenbench_{set}/``: ``{name}/{index}_{j}.png``
     (``name`` = ``step_XXXXXX`` or ``base``), ``results/{name}_{set}.csv`` (the
     official result CSV) and ``results/{name}_{set}.{json,md}`` (the scores,
@@ -266,13 +289,8 @@ def evaluate_unigenbench(config: ml_collections.ConfigDict, workdir: str | Path)
     from prefgrpo_jax import unigenbench
     from prefgrpo_jax.rewards.judge import VLMJudge, image_to_uint8
 
-    t0 = time.perf_counter()
     e, u = config.eval, config.eval.unigenbench
-    protocol, items, issues = unigenbench.load_set(e.unigenbench_dir, e.unigenbench_set, int(u.limit))
-    # The text encoders' token budget is fixed when the pipeline loads: load with the protocol's.
-    load_config = ml_collections.ConfigDict(config.to_dict())
-    load_config.train.max_sequence_length = int(u.max_sequence_length)
-    pipe, step = load_trained_pipeline(load_config, workdir)
+    protocol, items, issues = task
     name = f"step_{step:06d}" if step is not None else "base"
     root = Path(workdir) / "eval" / f"unigenbench_{e.unigenbench_set}"
     image_dir = root / name
@@ -323,11 +341,15 @@ def evaluate_unigenbench(config: ml_collections.ConfigDict, workdir: str | Path)
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
     config_lib.validate(config, mode="eval")
-    if config.eval.judge == "unigenbench":
-        return evaluate_unigenbench(config, workdir)
     t0 = time.perf_counter()
-    prompts, score = TASKS[config.eval.judge](config)
+    official = config.eval.judge == "unigenbench"
+    if official:
+        config, task = unigenbench_setup(config)
+    else:
+        prompts, score = TASKS[config.eval.judge](config)
     pipe, step = load_trained_pipeline(config, workdir)
+    if official:
+        return evaluate_unigenbench(config, task, pipe, step, workdir, t0)
     index = list(range(len(prompts))) * int(config.eval.images_per_prompt)
     images = generate(pipe, [prompts[i] for i in index], config, jax.random.key(int(config.eval.seed)))
     name = f"step_{step:06d}" if step is not None else "base"

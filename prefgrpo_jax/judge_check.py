@@ -169,33 +169,39 @@ def _testpoint_request(judge, check: Check) -> None:
         check.lines.append(f"testpoint request parsed: {scores[0].tolist()}")
 
 
-def check_judges(config: ml_collections.ConfigDict) -> list[Check]:
-    """One :class:`Check` per judge server the config uses (none for the toy world)."""
+def check_reward_judge(config: ml_collections.ConfigDict) -> Check | None:
+    """The pairwise reward judge's check, or None when ``reward.spec`` has no ``vlm_judge``."""
+    if "vlm_judge" not in dict(config.reward.spec):
+        return None
+    raw = config.reward.get("options", {}).get("vlm_judge", {})
+    options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+    options["retries"] = 0  # a check should fail fast, not back off
+    return _check_server("reward judge (pairwise)", "reward.options.vlm_judge", options, _pairwise_request)
+
+
+def check_eval_judge(config: ml_collections.ConfigDict) -> Check | None:
+    """The eval judge's check, or None when ``eval.judge`` needs no server."""
     from prefgrpo_jax.evaluate import vlm_judge_options
 
-    checks = []
-    spec = dict(config.reward.spec)
-    if "vlm_judge" in spec:
-        raw = config.reward.get("options", {}).get("vlm_judge", {})
-        options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
-        options["retries"] = 0  # a check should fail fast, not back off
-        checks.append(_check_server("reward judge (pairwise)", "reward.options.vlm_judge", options,
-                                    _pairwise_request))
     judge = config.eval.judge
-    if judge in ("vlm_judge", "unigenbench"):
-        name = f"eval judge ({judge})"
-        options = vlm_judge_options(config)
-        options["retries"] = 0
-        try:
-            request = _unigenbench_request(config) if judge == "unigenbench" else _testpoint_request
-        except ValueError as err:  # no usable UniGenBench folder: nothing to send
-            check = Check(name)
-            check.lines.append(str(err))
-            check.fail("set --config.eval.unigenbench_dir to a clone of https://github.com/CodeGoat24/UniGenBench")
-            checks.append(check)
-        else:
-            checks.append(_check_server(name, "eval.vlm_judge", options, request))
-    return checks
+    if judge not in ("vlm_judge", "unigenbench"):
+        return None
+    name = f"eval judge ({judge})"
+    options = vlm_judge_options(config)
+    options["retries"] = 0
+    try:
+        request = _unigenbench_request(config) if judge == "unigenbench" else _testpoint_request
+    except ValueError as err:  # no usable UniGenBench folder: nothing to send
+        check = Check(name)
+        check.lines.append(str(err))
+        check.fail("set --config.eval.unigenbench_dir to a clone of https://github.com/CodeGoat24/UniGenBench")
+        return check
+    return _check_server(name, "eval.vlm_judge", options, request)
+
+
+def check_judges(config: ml_collections.ConfigDict) -> list[Check]:
+    """One :class:`Check` per judge server the config uses (none for the toy world)."""
+    return [c for c in (check_reward_judge(config), check_eval_judge(config)) if c is not None]
 
 
 def main(argv) -> None:
