@@ -265,3 +265,18 @@ def test_eval_on_real_rows_matches_hand_count_and_official_rescoring(tiny_flux_d
     # seeds differ between images, so image 0 and image 1 of a prompt differ.
     a, b = (unigenbench.read_image(root / "base" / f"0_{j}.png") for j in range(2))
     assert np.abs(a - b).max() > 0
+
+
+@needs_release
+def test_eval_stops_before_sampling_when_the_judge_does_not_answer(tmp_path, server):
+    server.models_reply = (404, b'{"detail": "Not Found"}')
+    c = load_tiny_config()
+    c.eval.judge = "unigenbench"
+    c.eval.unigenbench_dir = str(UGB)
+    c.eval.vlm_judge.base_url = server.url
+    c.eval.vlm_judge.model = MODEL
+    from prefgrpo_jax.rewards.judge import JudgeUnavailableError
+
+    with pytest.raises(JudgeUnavailableError, match="(?s)not ready.*fix: .*eval.vlm_judge.base_url must be the server root"):
+        evaluate.evaluate(c, tmp_path)
+    assert not (tmp_path / "eval").exists()
