@@ -60,6 +60,16 @@ def server():
 # -- reading the clone ------------------------------------------------------------------------
 
 
+def official_build_system_prompt():
+    """eval_common.build_system_prompt with its constants, run here (in the tests only)."""
+    tree = ast.parse((UGB / unigenbench.COMMON_FILE).read_text(encoding="utf-8"))
+    keep = [n for n in tree.body if (isinstance(n, ast.Assign) and n.targets[0].id.isupper())
+            or (isinstance(n, ast.FunctionDef) and n.name == "build_system_prompt")]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "eval_common", "exec"), namespace)
+    return namespace["build_system_prompt"]
+
+
 @needs_release
 def test_release_loads_with_its_quirk_warned():
     protocol, items, issues = unigenbench.load_set(UGB, "en")
@@ -77,15 +87,31 @@ def test_release_loads_with_its_quirk_warned():
 @needs_release
 def test_request_text_is_the_official_build_system_prompt():
     """Our request equals eval_common.build_system_prompt on the same row (run here, in the test only)."""
-    tree = ast.parse((UGB / unigenbench.COMMON_FILE).read_text(encoding="utf-8"))
-    keep = [n for n in tree.body if (isinstance(n, ast.Assign) and n.targets[0].id.isupper())
-            or (isinstance(n, ast.FunctionDef) and n.name == "build_system_prompt")]
-    namespace: dict = {}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), "eval_common", "exec"), namespace)
     protocol, items, _ = unigenbench.load_set(UGB, "en", limit=5)
+    official = official_build_system_prompt()
     for item in items:
-        want = namespace["build_system_prompt"](item.prompt, list(item.testpoints), list(item.descriptions), "en")
+        want = official(item.prompt, list(item.testpoints), list(item.descriptions), "en")
         assert unigenbench.request_text(protocol, item) == want
+
+
+@needs_release
+def test_chinese_set_uses_its_own_columns_keys_and_template(tmp_path):
+    """A zh_long file in the release's zh layout (Chinese keys): loaded, scored by "-" prefix,
+    and asked with the official zh prompt."""
+    root = tmp_path / "UniGenBench"
+    (root / "eval" / "src").mkdir(parents=True)
+    (root / "data").mkdir()
+    shutil.copy(UGB / unigenbench.COMMON_FILE, root / unigenbench.COMMON_FILE)
+    dims = {"考点": ["属性-数量", "风格"], "考点对应描述": ["三只猫", "水墨画"]}
+    with (root / "data" / "test_prompts_zh_long.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "prompt_zh", "sub_dims_zh"])
+        writer.writerow([0, "水墨画风格的三只猫", json.dumps(dims, ensure_ascii=False)])
+    protocol, items, issues = unigenbench.load_set(root, "zh_long")
+    assert issues == [] and items[0].testpoints == ("属性-数量", "风格")
+    assert [unigenbench.primary_dimension(t) for t in items[0].testpoints] == ["属性", "风格"]
+    want = official_build_system_prompt()(items[0].prompt, list(dims["考点"]), list(dims["考点对应描述"]), "zh")
+    assert unigenbench.request_text(protocol, items[0]) == want
 
 
 def test_constants_are_read_without_running_the_file(tmp_path):
