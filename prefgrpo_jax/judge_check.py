@@ -161,11 +161,17 @@ def _unigenbench_request(config: ml_collections.ConfigDict) -> Callable[[Any, Ch
 
 
 def _testpoint_request(judge, check: Check) -> None:
-    scores = judge.testpoint_scores([CAPTION], _check_images()[:1], [["Is there a red square?"]])
-    if np.isnan(scores[0]).any() and not judge.stats.failed:
+    from prefgrpo_jax.rewards.judge import JudgeUnavailableError
+
+    try:
+        scores = judge.testpoint_scores([CAPTION], _check_images()[:1], [["Is there a red square?"]])
+    except JudgeUnavailableError as err:
+        check.lines.append(str(err))
+        return  # counted as failed in the stats
+    if np.isnan(scores[0]).any():
         check.fail("the reply has no `1: yes` / `1: no` line in <answer>: check the model behind "
                    "eval.vlm_judge.model, or raise eval.vlm_judge.max_tokens if the reply is cut off")
-    elif not judge.stats.failed:
+    else:
         check.lines.append(f"testpoint request parsed: {scores[0].tolist()}")
 
 

@@ -91,3 +91,18 @@ def test_unreachable_server_and_exit_status(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "[FAIL] reward judge (pairwise)" in proc.stdout
     assert "fix: start the judge server" in proc.stdout and "reward.options.vlm_judge.base_url" in proc.stdout
+
+
+@pytest.mark.parametrize("reply, ok, fix", [
+    ("<answer>1: yes</answer>", True, ""),
+    ("<answer>looks fine</answer>", False, "no `1: yes` / `1: no` line"),
+    ((404, b"{}"), False, "must be the server root without /v1"),
+])
+def test_yes_no_eval_judge(server, reply, ok, fix):
+    server.script = lambda body, headers, index: reply
+    c = load_tiny_config()
+    c.eval.judge = "vlm_judge"
+    c.eval.vlm_judge.base_url = server.url
+    c.eval.vlm_judge.model = MODEL
+    (check,) = check_judges(c)  # the toy reward needs no server
+    assert check.ok == ok and fix in check.fix, check.report()
