@@ -231,6 +231,8 @@ class PeriodicEval:
         images = generate(pipe, self.prompts, self.config, jax.random.key(int(self.config.eval.seed)))
         out = self.score(images, self.index)
         metrics = {f"eval/{dim}": float(v) for dim, v in out["scores"].items()}
+        if "images_skipped" in out:  # UniGenBench: images whose replies never parsed
+            metrics["eval_images_skipped"] = float(out["images_skipped"])
         metrics["eval_time_s"] = time.perf_counter() - t0
         return metrics
 

@@ -306,3 +306,32 @@ def test_eval_stops_before_sampling_when_the_judge_does_not_answer(tmp_path, ser
     with pytest.raises(JudgeUnavailableError, match="(?s)not ready.*fix: .*eval.vlm_judge.base_url must be the server root"):
         evaluate.evaluate(c, tmp_path)
     assert not (tmp_path / "eval").exists()
+
+
+@needs_release
+def test_periodic_eval_on_unigenbench_logs_primary_dimensions(tiny_flux_dir, server, tmp_path):
+    """eval.every with the UniGenBench judge: the primary dimensions of the subset, skips counted."""
+    server.script = lambda body, headers, index: official_reply(*asked_testpoints(body))
+    c = load_tiny_config()
+    c.model.path = str(tiny_flux_dir)
+    c.train.max_sequence_length = 8
+    c.eval.judge = "unigenbench"
+    c.eval.unigenbench_dir = str(UGB)
+    c.eval.vlm_judge.base_url = server.url
+    c.eval.vlm_judge.model = MODEL
+    c.eval.unigenbench.limit = 6
+    c.eval.every_prompts, c.eval.num_steps, c.eval.batch_size = 3, 2, 3
+    periodic = evaluate.PeriodicEval(c)
+    assert periodic.index == [0, 2, 5]
+    from prefgrpo_jax.sample import load_trained_pipeline
+
+    metrics = periodic(load_trained_pipeline(c, tmp_path)[0])  # no checkpoint: base weights
+    with (UGB / "data" / "test_prompts_en.csv").open(newline="", encoding="utf-8") as f:
+        rows = [r for k, r in enumerate(csv.DictReader(f)) if k in (0, 2, 5)]
+    points = [(r["prompt_en"], p) for r in rows for p in json.loads(r["sub_dims_en"])["Testpoints"]]
+    primaries = {unigenbench.primary_dimension(p) for _, p in points}
+    assert set(metrics) == {f"eval/{d}" for d in primaries} | {"eval/overall", "eval_images_skipped", "eval_time_s"}
+    for dim in primaries:
+        mine = [verdict(prompt, p) for prompt, p in points if unigenbench.primary_dimension(p) == dim]
+        assert metrics[f"eval/{dim}"] == pytest.approx(np.mean(mine), abs=1e-4)
+    assert metrics["eval_images_skipped"] == 0.0
