@@ -17,7 +17,7 @@ from prefgrpo_jax.models.flux import REMAT_POLICIES
 MODES = ("train", "sample", "eval", "plan")
 PLAN_PRESETS = ("", "flux1-dev")
 DTYPES = ("float32", "bfloat16")
-EVAL_JUDGES = ("toy_verifier", "vlm_judge")
+EVAL_JUDGES = ("toy_verifier", "vlm_judge", "unigenbench")
 
 
 class ConfigError(ValueError):
@@ -129,18 +129,24 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("reward.monitor", not monitor or monitor in spec,
           f"must be empty or one of the sources in reward.spec {sorted(spec)}")
 
-    if mode == "eval":
+    every = config.eval.get("every", 0)
+    check("eval.every", isinstance(every, int) and every >= 0,
+          "must be an integer >= 0 (train steps between evals on a fixed subset; 0 = never)")
+    if mode == "eval" or (mode == "train" and isinstance(every, int) and every > 0):
         e = config.eval
         check("eval.judge", e.judge in EVAL_JUDGES, f"must be one of {EVAL_JUDGES}")
-        for field in ("images_per_prompt", "num_steps", "batch_size"):
+        for field in ("images_per_prompt", "num_steps", "batch_size", "every_prompts"):
             check(f"eval.{field}", isinstance(e[field], int) and e[field] >= 1, "must be an integer >= 1")
-        if e.judge == "vlm_judge":
-            check("eval.prompts", bool(e.prompts) and Path(str(e.prompts)).is_file(),
-                  "must be an existing JSONL file of {\"prompt\", \"dimension\", \"testpoints\"} "
-                  "objects (see prefgrpo_jax/evaluate.py)")
+        if e.judge in ("vlm_judge", "unigenbench"):
             check("eval.vlm_judge.base_url", str(e.vlm_judge.base_url).startswith(("http://", "https://")),
                   "must be the judge server's root URL, e.g. http://127.0.0.1:8080")
             check("eval.vlm_judge.model", bool(e.vlm_judge.model), "must name the model the judge server serves")
+        if e.judge == "unigenbench":
+            _check_unigenbench(config, check)
+        elif e.judge == "vlm_judge":
+            check("eval.prompts", bool(e.prompts) and Path(str(e.prompts)).is_file(),
+                  "must be an existing JSONL file of {\"prompt\", \"dimension\", \"testpoints\"} "
+                  "objects (see prefgrpo_jax/evaluate.py)")
         elif e.judge == "toy_verifier":
             check("eval.prompts_per_dimension", isinstance(e.prompts_per_dimension, int)
                   and e.prompts_per_dimension >= 1, "must be an integer >= 1")
@@ -164,6 +170,30 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
                   f"size {parallel} (mesh.data x mesh.fsdp) times grad_accum={t.grad_accum}")
     if problems:
         raise ConfigError(f"{len(problems)} invalid config field(s):\n  " + "\n  ".join(problems))
+
+
+def _check_unigenbench(config: ml_collections.ConfigDict, check) -> None:
+    """``eval.judge="unigenbench"``: the clone's files and the generation protocol."""
+    from prefgrpo_jax import unigenbench
+
+    e = config.eval
+    check("eval.unigenbench_set", e.unigenbench_set in unigenbench.SETS, f"must be one of {unigenbench.SETS}")
+    root = Path(str(e.unigenbench_dir)) if e.unigenbench_dir else None
+    if e.unigenbench_set in unigenbench.SETS:
+        csv_path = unigenbench.prompts_csv(root, e.unigenbench_set) if root else None
+        check("eval.unigenbench_dir", root is not None and csv_path.is_file()
+              and (root / unigenbench.COMMON_FILE).is_file(),
+              f"must be a clone of https://github.com/CodeGoat24/UniGenBench holding "
+              f"data/test_prompts_{e.unigenbench_set}.csv and {unigenbench.COMMON_FILE} "
+              "(set --config.eval.unigenbench_dir=/path/to/UniGenBench)")
+    u = e.unigenbench
+    for field in ("images_per_prompt", "num_steps", "max_sequence_length"):
+        check(f"eval.unigenbench.{field}", isinstance(u[field], int) and u[field] >= 1, "must be an integer >= 1")
+    for field in ("seed", "max_retries", "limit"):
+        check(f"eval.unigenbench.{field}", isinstance(u[field], int) and u[field] >= 0, "must be an integer >= 0")
+    for side in ("height", "width"):
+        check(f"eval.unigenbench.{side}", isinstance(u[side], int) and u[side] > 0 and u[side] % 16 == 0,
+              "must be a positive multiple of 16 (1024 in the official protocol)")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -251,13 +281,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed.cpu_collectives = False
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.judge = "toy_verifier"  # or "vlm_judge" (UniGenBench-style testpoints, eval.prompts)
+    # "toy_verifier", "vlm_judge" (yes/no testpoints of eval.prompts) or "unigenbench" (the
+    # benchmark's own prompts, judge template and scoring, read from eval.unigenbench_dir).
+    c.eval.judge = "toy_verifier"
     c.eval.prompts_per_dimension = 20  # toy_verifier
     c.eval.prompts = ""  # vlm_judge: JSONL of {"prompt", "dimension", "testpoints"}
     c.eval.vlm_judge = ml_collections.ConfigDict({
         "base_url": "http://127.0.0.1:8080", "model": "", "api_key_env": "",  # "" = no key
         "max_concurrency": 8, "timeout_s": 120.0, "retries": 3, "max_tokens": 2048,
     })
+    c.eval.unigenbench_dir = ""  # unigenbench: a clone of github.com/CodeGoat24/UniGenBench
+    c.eval.unigenbench_set = "en"  # en | en_long | zh | zh_long (data/test_prompts_{set}.csv)
+    # unigenbench --mode=eval: the official generation protocol by default. seed + j is
+    # the noise seed of image j of every prompt; max_retries re-asks the judge after a
+    # reply that does not parse; limit > 0 keeps the first `limit` prompts (smoke runs).
+    c.eval.unigenbench = ml_collections.ConfigDict({
+        "images_per_prompt": 4, "seed": 3407, "height": 1024, "width": 1024, "num_steps": 30,
+        "guidance_scale": 3.5, "max_sequence_length": 512, "max_retries": 10, "limit": 0,
+    })
+    # train: every `every` steps (0 = never), score eval.every_prompts prompts of the eval
+    # judge's set (evenly spaced, fixed), 1 image each at the training size with
+    # eval.num_steps and eval.seed; logged as eval/<dimension> and eval/overall.
+    c.eval.every = 0
+    c.eval.every_prompts = 64
     c.eval.images_per_prompt = 1
     c.eval.num_steps = 20
     c.eval.batch_size = 20

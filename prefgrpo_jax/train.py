@@ -10,6 +10,7 @@ exactly as an uninterrupted run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -31,7 +32,7 @@ from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend
 
 log = logging.getLogger(__name__)
 # Metrics that measure wall time: they differ between otherwise identical runs.
-TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s")
+TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s", "eval_time_s")
 
 
 class NonFiniteError(RuntimeError):
@@ -310,10 +311,18 @@ class Trainer:
             "config": self.config.to_dict(),
         }
 
+    def trained_pipeline(self) -> FluxPipeline:
+        """The pipeline with the current trained transformer weights (everything else shared)."""
+        graphdef, _ = nnx.split(self.pipe.transformer)
+        pipe = copy.copy(self.pipe)
+        pipe.transformer = nnx.merge(graphdef, self.state["params"])
+        return pipe
+
     def run(self) -> None:
         cfg = self.config
         if self.is_chief:
             print(self.summary, flush=True)
+        evaluator = self.periodic_evaluator()
         start = self.restore()
         logger = MetricsLogger(self.workdir, enabled=self.is_chief, truncate_after=start)
         nonfinite_streak = 0
@@ -330,7 +339,10 @@ class Trainer:
                     if metrics["skipped_nonfinite"]:
                         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                                     done, nonfinite_streak)
-                    if done % cfg.log_every == 0 or done == cfg.total_steps:
+                    evaluated = evaluator is not None and done % cfg.eval.every == 0
+                    if evaluated:
+                        metrics.update(evaluator(self.trained_pipeline()))
+                    if done % cfg.log_every == 0 or done == cfg.total_steps or evaluated:
                         logger.write(done, metrics)
                     if cfg.image_every and (done % cfg.image_every == 0 or done == cfg.total_steps) and self.is_chief:
                         prompts, imgs = self._last_images
@@ -364,6 +376,21 @@ class Trainer:
             if self.params_checkpointer is not None:
                 self.params_checkpointer.close()
 
+
+    def periodic_evaluator(self):
+        """``evaluate.PeriodicEval`` when ``eval.every`` > 0, else None."""
+        if not self.config.eval.get("every", 0):
+            return None
+        if jax.process_count() > 1:
+            # Sampling from parameters sharded over processes and judging on one of
+            # them is not written yet; a multi-host run still trains.
+            log.warning("config.eval.every=%d is ignored with %d processes (eval during training runs "
+                        "in a single process): run --mode=eval on the checkpoints instead",
+                        self.config.eval.every, jax.process_count())
+            return None
+        from prefgrpo_jax.evaluate import PeriodicEval
+
+        return PeriodicEval(self.config)
 
     def export_final(self) -> Path:
         """The trained transformer as a diffusers directory (drop-in ``transformer/``),

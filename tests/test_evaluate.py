@@ -118,3 +118,26 @@ def test_vlm_judge_eval_config_is_validated(tiny_flux_dir, tmp_path):
     assert f"config.eval.prompts='{tmp_path / 'missing.jsonl'}': must be an existing JSONL file" in text
     assert "config.eval.vlm_judge.base_url='127.0.0.1:8080': must be the judge server's root URL" in text
     assert "config.eval.vlm_judge.model='': must name the model the judge server serves" in text
+
+
+
+
+def test_periodic_eval_scores_a_fixed_spread_subset(tiny_flux_dir, tmp_path):
+    """eval.every's scorer: evenly spaced prompts covering every dimension, the same numbers twice."""
+    from prefgrpo_jax.sample import load_trained_pipeline
+
+    c = load_tiny_config()
+    assert c.eval.every > 0 and c.total_steps % c.eval.every == 0  # the tiny run logs evals
+    c.model.path = str(tiny_flux_dir)
+    c.train.max_sequence_length = 8
+    c.eval.every_prompts, c.eval.num_steps, c.eval.batch_size = 5, 2, 5
+    periodic = evaluate.PeriodicEval(c)
+    specs = evaluate.heldout_set(c)
+    assert periodic.index == [0, 25, 50, 74, 99] and len(specs) == 100
+    assert [specs[i].dimension for i in periodic.index] == list(DIMENSIONS)
+    pipe, _ = load_trained_pipeline(c, tmp_path)  # no checkpoint: the base weights
+    first = periodic(pipe)
+    assert set(first) == {f"eval/{d}" for d in DIMENSIONS} | {"eval/overall", "eval_time_s"}
+    second = periodic(pipe)
+    assert {k: v for k, v in first.items() if k != "eval_time_s"} == \
+        {k: v for k, v in second.items() if k != "eval_time_s"}

@@ -58,7 +58,8 @@ class FakeJudgeServer:
 
     ``script(body, headers, index)`` returns either a str (the reply content,
     sent as a 200 chat completion) or ``(status, raw_body_bytes)``. It may
-    block on ``self.release`` to simulate a hanging judge.
+    block on ``self.release`` to simulate a hanging judge. ``GET /v1/models``
+    answers ``models_reply`` (status, raw body): by default the model list [MODEL].
     """
 
     def __init__(self):
@@ -72,6 +73,7 @@ class FakeJudgeServer:
         self.paths: list[str] = []
         self.delay_s = 0.0
         self.release = threading.Event()
+        self.models_reply = (200, json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
         srv = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,6 +82,14 @@ class FakeJudgeServer:
 
             def log_message(self, *args):  # keep test output quiet
                 pass
+
+            def do_GET(self):
+                status, raw = srv.models_reply if self.path == "/v1/models" else (404, b"{}")
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
 
             def do_POST(self):
                 with srv.lock:

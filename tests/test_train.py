@@ -130,10 +130,15 @@ def assert_same_metrics(rows_a, rows_b, steps):
             np.testing.assert_allclose(rb[k], ra[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+# eval.every on the fixed toy subset (configs/tiny.py sets it; shortened to this run).
+EVAL_EVERY = ("--config.eval.every=2", "--config.eval.every_prompts=5", "--config.eval.num_steps=2",
+              "--config.eval.batch_size=5")
+
+
 @pytest.mark.slow
 def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path):
     full = tmp_path / "full"
-    proc = run_main(test_config, full)
+    proc = run_main(test_config, full, *EVAL_EVERY)
     assert "memory estimate per device" in proc.stdout and "ETA" in proc.stdout
     rows = metrics(full)
     assert reward_trend(rows) in proc.stdout  # the run ends with the monitored reward's trend
@@ -142,6 +147,7 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
         for key in ("loss", "reward_mean", "grad_norm", "clip_fraction", "approx_kl", "ratio_mean", "step_time_s"):
             assert key in r and np.isfinite(r[key]), key
     assert any(r["grad_norm"] > 0 for r in rows)
+    assert [r["step"] for r in rows if "eval/overall" in r] == [2, 4]
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (full / "images").glob("*.png")) == ["step_000002.png", "step_000004.png"]
     assert {p.name for p in (full / "checkpoints").iterdir() if p.name.isdigit()} >= {"2", "4"}
@@ -153,7 +159,7 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
 
     # Same command, killed with SIGKILL once the step-2 checkpoint exists, then rerun.
     resumed = tmp_path / "resumed"
-    killed = subprocess.Popen(main_command(test_config, resumed), cwd=REPO, env=env(1),
+    killed = subprocess.Popen(main_command(test_config, resumed, *EVAL_EVERY), cwd=REPO, env=env(1),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "2").is_dir():
@@ -163,7 +169,7 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert (resumed / "metrics.jsonl").exists()
-    proc = run_main(test_config, resumed)
+    proc = run_main(test_config, resumed, *EVAL_EVERY)
     assert "resumed from checkpoint" in proc.stderr
     assert comparable(metrics(resumed)) == comparable(rows)
 

@@ -55,7 +55,9 @@ __all__ = [
     "JudgeStats",
     "JudgeUnavailableError",
     "VLMJudge",
+    "encode_jpeg_data_url",
     "encode_png_data_url",
+    "image_to_uint8",
     "parse_preference",
     "parse_testpoints",
 ]
@@ -183,12 +185,27 @@ def parse_testpoints(text: Optional[str], num_testpoints: int) -> list[Optional[
     return verdicts
 
 
+def image_to_uint8(image: np.ndarray) -> np.ndarray:
+    """``[..., 3]`` float image in [0, 1] -> uint8 (round to nearest), as saved to PNG."""
+    return np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
 def encode_png_data_url(image: np.ndarray) -> str:
     """``[H, W, 3]`` float image in [0, 1] -> ``data:image/png;base64,...``."""
-    u8 = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(u8, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def encode_jpeg_data_url(image: np.ndarray, quality: int = 95) -> str:
+    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/jpeg;base64,...``.
+
+    UniGenBench's official client sends its PNG files re-encoded as JPEG q95;
+    encoding the same uint8 pixels here gives the judge the same bytes.
+    """
+    buf = io.BytesIO()
+    Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="JPEG", quality=int(quality))
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class _Failure(Exception):
@@ -465,6 +482,37 @@ class VLMJudge:
                                where, tries, "" if tries == 1 else "s", self.url,
                                self._redact(f.reason))
                 return None, self._redact(f.reason)
+
+    def served_models(self) -> list[str]:
+        """Model ids of the server's ``GET /v1/models``.
+
+        Raises:
+          RuntimeError: naming the HTTP status or connection error (API key redacted).
+        """
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        url = self.base_url + "/v1/models"
+        try:
+            with self._opener.open(urllib.request.Request(url, headers=headers), timeout=self.timeout_s) as resp:
+                obj = json.loads(resp.read().decode("utf-8"))
+            return [str(m["id"]) for m in obj["data"]]
+        except urllib.error.HTTPError as e:
+            e.close()
+            raise RuntimeError(f"HTTP {e.code} from GET {url}") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise RuntimeError(self._redact(f"GET {url}: {type(e).__name__}: {e}")[:300]) from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"malformed reply to GET {url} (no OpenAI model list): {type(e).__name__}") from None
+
+    def complete(self, text: str, image_urls: Sequence[str], where: str = "request"
+                 ) -> tuple[Optional[str], Optional[str]]:
+        """One chat request (images first, then ``text``) with this client's retries.
+
+        Returns (reply text, None), or (None, failure reason); counted in :attr:`stats`.
+        """
+        self._bump(requests=1)
+        return self._request(self._payload(text, image_urls), where)
 
     def _judge(self, prompt: str, url1: str, url2: str, where: str) -> tuple[float, Optional[str]]:
         """(score of Image 1 in {0, .5, 1}, failure reason or None)."""
