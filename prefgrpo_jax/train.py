@@ -27,6 +27,7 @@ from flax import nnx
 from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
+from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
 from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend, save_image_grid
 
