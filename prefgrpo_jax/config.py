@@ -91,6 +91,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         check("plan.preset", plan.preset in PLAN_PRESETS, f"must be one of {PLAN_PRESETS} ('' = model.path's config.json files)")
         check("plan.devices", isinstance(plan.devices, int) and plan.devices >= 1, "must be an integer >= 1 (simulated devices)")
         check("plan.device_memory_gib", plan.device_memory_gib > 0, "must be > 0 (memory of one device, GiB)")
+        check("plan.usable_fraction", 0 < plan.get("usable_fraction", 0.9) <= 1,
+              "must be in (0, 1]: the share of device memory the program may use")
     check("train.group_size", isinstance(t.group_size, int) and t.group_size >= 2,
           "must be an integer >= 2 (win rates compare images within a group)")
     check("train.prompts_per_step", isinstance(t.prompts_per_step, int) and t.prompts_per_step >= 1,
@@ -319,6 +321,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.plan.preset = ""  # "flux1-dev": model shapes without weights; "" = model.path's config.json
     c.plan.devices = 8
     c.plan.device_memory_gib = 80.0
+    # Of that, what the program may use: the rest is the runtime's (CUDA context,
+    # cuDNN workspaces, allocator slack) and the decode/reward phase's. JAX on GPU
+    # takes 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION raises it.
+    c.plan.usable_fraction = 0.9
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = ["a photo of a cat holding a sign that says hello world"]

@@ -194,11 +194,12 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     # aliased to donated inputs + temporaries, beside the frozen parts.
     peak_training = frozen_b + mem_t["peak_estimate_bytes"]
     peak = max(peak_sampling, peak_training)
-    budget = float(p.device_memory_gib) * GIB
+    budget = float(p.device_memory_gib) * float(p.usable_fraction) * GIB
     return {
         "devices": n_dev,
         "mesh": dict(mesh.shape),
         "device_memory_gib": float(p.device_memory_gib),
+        "usable_fraction": float(p.usable_fraction),
         "model": p.preset or str(config.model.path),
         "images_per_step": batch,
         "resolution": [t.height, t.width],
@@ -245,9 +246,10 @@ def report_markdown(r: dict[str, Any], command: str) -> str:
     coll = r["collective_gb_per_step_per_device"]
     lines += [
         "",
-        f"- **{'fits' if r['fits'] else 'does not fit'}**: peak {r['per_device_gib']['peak']:.2f} GiB of "
-        f"{r['device_memory_gib']:g} GiB ({r['headroom_gib']:+.2f} GiB headroom)",
-        f"- FLOPs per step: {r['tflop_per_step']:.1f} TFLOP ({r['tflop_per_step_per_device']:.1f} per device)",
+        f"- **{'fits' if r['fits'] else 'does not fit'}**: peak {r['per_device_gib']['peak']:.2f} GiB of the "
+        f"{r['usable_fraction'] * r['device_memory_gib']:.1f} GiB usable ({r['usable_fraction']:g} x "
+        f"{r['device_memory_gib']:g} GiB; {r['headroom_gib']:+.2f} GiB headroom)",
+        f"- FLOPs per step: {r['tflop_per_step'] / 1e3:.4g} PFLOP ({r['tflop_per_step_per_device'] / 1e3:.4g} per device)",
         f"- collective output per step per device: sampling {coll['sampling']:.1f} GB, training "
         f"{coll['training']:.1f} GB",
         f"- compile time here: sampling {r['compile_seconds']['sampling']:.0f} s, training "
@@ -270,7 +272,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path, command: str = 
     if not report["fits"]:
         g = report["per_device_gib"]
         raise PlanDoesNotFitError(
-            f"plan: does not fit: peak {g['peak']:.2f} GiB per device > {report['device_memory_gib']:g} GiB "
+            f"plan: does not fit: peak {g['peak']:.2f} GiB per device > {report['usable_fraction']:g} x "
+            f"{report['device_memory_gib']:g} GiB usable "
             f"(state {g['params (fp32 master)'] + g['optimizer state']:.2f}, peak while training "
             f"{g['peak while training']:.2f}, while sampling {g['peak while sampling']:.2f}); use more "
             "devices (FSDP divides the state), fewer images per step, or LoRA"

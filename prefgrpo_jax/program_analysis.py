@@ -102,6 +102,21 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def collective_shapes(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Every collective instruction of an HLO module as ``(op, result shapes)``, once each."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        result_type, op = m.groups()
+        base = op.removesuffix("-start")
+        if base in COLLECTIVES and not op.endswith("-done"):
+            shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(result_type)]
+            out.append((base, shapes))
+    return out
+
+
 def collective_bytes(hlo_text: str) -> dict[str, Any]:
     """Output bytes of every collective in an optimized, partitioned HLO module,
     per device and per execution of the program, loops multiplied out.
