@@ -27,6 +27,7 @@ from prefgrpo_jax.config import base_config
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.path = "/path/to/FLUX.1-dev"
+    c.model.compute_dtype = "bfloat16"  # autocast on fp32 master weights, as the reference
     c.data.prompts = "/path/to/UniGenBench/data/train_prompt.txt"  # the paper's training prompts
     c.reward.spec = {"vlm_judge": 1.0}
     c.reward.options = ml_collections.ConfigDict({

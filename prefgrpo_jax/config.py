@@ -78,6 +78,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("log_every", config.log_every >= 1, "must be >= 1")
     check("image_every", config.image_every >= 0, "must be >= 0 (0 = never)")
     check("model.dtype", config.model.dtype in DTYPES, f"must be one of {DTYPES}")
+    check("model.compute_dtype", config.model.get("compute_dtype", "float32") in DTYPES, f"must be one of {DTYPES}")
     check("model.remat_policy", config.model.get("remat_policy", REMAT_POLICIES[0]) in REMAT_POLICIES,
           f"must be one of {REMAT_POLICIES}")
     path = Path(str(config.model.path)) if config.model.path else None
@@ -218,6 +219,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local diffusers-format FLUX directory
     c.model.dtype = "bfloat16"  # frozen parts (VAE, text encoders); trained params stay fp32
+    # The transformer's activations: bf16 = the reference's autocast on fp32
+    # master weights (params cast inside jit, gathers move bf16); the SDE step,
+    # log-probs, ratios and advantages are fp32 whatever this says.
+    c.model.compute_dtype = "float32"
     c.model.remat = True
     c.model.remat_policy = "nothing_saveable"  # what remat keeps: see models/flux.py REMAT_POLICIES
 

@@ -40,21 +40,33 @@ LAYOUT_HELP = (
 )
 
 
-def make_velocity_fn(graphdef: nnx.GraphDef) -> sampling.VelocityFn:
+def make_velocity_fn(graphdef: nnx.GraphDef, compute_dtype: Any = None) -> sampling.VelocityFn:
     """``(params, x [B,L,C], t [B], cond) -> v`` for a FLUX transformer graph.
 
     ``cond`` holds ``img_ids [B,L,3]``, ``txt [B,T,D]``, ``txt_ids [B,T,3]``,
     ``y [B,Dp]`` and, for guidance-distilled models, ``guidance [B]``. Create it
     once and reuse it: it is a static argument of the jitted sampler and step.
+
+    ``compute_dtype`` (e.g. bf16 on fp32 master weights, the reference's
+    autocast): floating params are cast first, on their shards, so FSDP gathers
+    move half the bytes; gradients flow back to the fp32 masters.
     """
 
     def velocity(params: Any, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
+        if compute_dtype is not None:
+            params = jax.tree.map(
+                lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
         model = nnx.merge(graphdef, params)
         return model(
             x, cond["img_ids"], cond["txt"], cond["txt_ids"], t, cond["y"], cond.get("guidance")
         )
 
     return velocity
+
+
+def compute_dtype_of(transformer: flux.FluxTransformer) -> Any:
+    """The dtype params are cast to for compute; None when it is fp32 (no cast)."""
+    return None if jnp.dtype(transformer.dtype) == jnp.float32 else transformer.dtype
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 6))
@@ -141,7 +153,7 @@ class FluxPipeline:
         self.max_sequence_length = max_sequence_length
         self.clip_max_length = int(min(getattr(tokenizer, "model_max_length", 77), 77))
         graphdef, _ = nnx.split(transformer)
-        self.velocity_fn = make_velocity_fn(graphdef)
+        self.velocity_fn = make_velocity_fn(graphdef, compute_dtype_of(transformer))
 
     # -- loading -------------------------------------------------------------
 
@@ -156,6 +168,7 @@ class FluxPipeline:
         max_sequence_length: int = 512,
         shardings: convert.ShardingFn | None = None,
         transformer_dtype: jnp.dtype | None = None,
+        compute_dtype: jnp.dtype = jnp.float32,
         load_transformer: bool = True,
     ) -> "FluxPipeline":
         """Loads a local diffusers-format FLUX directory.
@@ -171,6 +184,8 @@ class FluxPipeline:
             (``convert.build_model``); default: the default device.
           transformer_dtype: the transformer's parameter dtype when it differs
             from ``dtype`` (fp32 master weights for training).
+          compute_dtype: the transformer's activation dtype (bf16: params cast
+            inside jit; the SDE step and log-probs stay fp32).
           load_transformer: False leaves the transformer abstract (shapes only):
             its parameters come from a checkpoint or the caller's train state.
 
@@ -195,11 +210,12 @@ class FluxPipeline:
         t_dtype = dtype if transformer_dtype is None else transformer_dtype
         if load_transformer:
             transformer = flux.load_diffusers(root / "transformer", dtype=t_dtype, remat=remat,
-                                              remat_policy=remat_policy, shardings=shardings)
+                                              remat_policy=remat_policy, shardings=shardings,
+                                              compute_dtype=compute_dtype)
         else:
             transformer = flux.abstract_transformer(
                 flux.diffusers_config(root / "transformer")[0], dtype=t_dtype, remat=remat,
-                remat_policy=remat_policy)
+                remat_policy=remat_policy, compute_dtype=compute_dtype)
         vae = autoencoder.load_diffusers(root / "vae", dtype=dtype, shardings=shardings)
         clip = text_encoders.load_clip_text(root / "text_encoder", dtype=dtype, shardings=shardings)
         t5 = text_encoders.load_t5(root / "text_encoder_2", dtype=dtype, shardings=shardings)

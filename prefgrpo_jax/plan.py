@@ -28,7 +28,7 @@ from flax import nnx
 from prefgrpo_jax import config as config_lib, grpo, program_analysis, sampling, sharding
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder, flux, text_encoders
-from prefgrpo_jax.pipeline import make_velocity_fn
+from prefgrpo_jax.pipeline import compute_dtype_of, make_velocity_fn
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -114,9 +114,10 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     model_dtype = state_lib.DTYPES[config.model.dtype]
 
     # Policy: fp32 master weights, the trainer's shardings.
-    graphdef, params = nnx.split(flux.abstract_transformer(
+    transformer = flux.abstract_transformer(
         cfgs["transformer"], dtype=jnp.float32, remat=bool(config.model.remat),
-        remat_policy=config.model.remat_policy))
+        remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype])
+    graphdef, params = nnx.split(transformer)
     optimizer = build_optimizer(config)
     abstract_state, state_shardings = state_lib.train_state_shardings(params, optimizer, config, mesh)
     state_abs = state_lib.with_shardings(abstract_state, state_shardings)
@@ -153,7 +154,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=sharding.replicated(mesh))
     sampler = sampler_config(config, seq)
-    velocity_fn = make_velocity_fn(graphdef)
+    velocity_fn = make_velocity_fn(graphdef, compute_dtype_of(transformer))
 
     print(f"plan: {n_dev} simulated devices, mesh {dict(mesh.shape)}, {batch} images/step "
           f"({t.prompts_per_step} prompts x {t.group_size}), {t.height}x{t.width} px "

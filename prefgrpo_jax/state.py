@@ -81,6 +81,7 @@ def load_pipeline(
         max_sequence_length=int(config.train.max_sequence_length),
         shardings=None if mesh is None else sharding_fn(config, mesh),
         transformer_dtype=transformer_dtype,
+        compute_dtype=DTYPES[config.model.compute_dtype],
         load_transformer=load_transformer,
     )
 
