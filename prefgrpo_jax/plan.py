@@ -69,6 +69,28 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
     return total
 
 
+def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo_cfg, remat: bool,
+               updates: int) -> dict[str, int]:
+    """Collective output bytes per device that FSDP cannot avoid, per step.
+
+    Every forward pass gathers each sharded weight whole, in the compute dtype;
+    training gathers again for the backward pass when blocks are rematerialised,
+    and reduce-scatters each gradient (fp32, one shard's bytes) once per
+    forward/backward pass (micro-batches x timestep chunks).
+    """
+    gathered = scattered = 0
+    for leaf, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+        if any(axis is not None for axis in s.spec):
+            gathered += math.prod(leaf.shape) * jnp.dtype(compute_dtype).itemsize
+            scattered += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    k = grpo_cfg.num_train_timesteps(sampler.num_steps)
+    passes = grpo_cfg.grad_accum * (k // grpo_cfg.timestep_chunk)
+    return {
+        "sampling": sampler.num_steps * gathered,
+        "training": updates * passes * ((2 if remat else 1) * gathered + scattered),
+    }
+
+
 def _abstract_params(factory) -> tuple[nnx.GraphDef, Any]:
     return nnx.split(nnx.eval_shape(factory))
 
@@ -184,6 +206,8 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     coll_t = program_analysis.collective_bytes(compiled_t.as_text())
     updates = int(t.get("updates_per_rollout", 1))
 
+    floor = fsdp_floor(abstract_state["params"], state_shardings["params"], transformer.dtype,
+                       sampler=sampler, grpo_cfg=grpo_cfg, remat=bool(config.model.remat), updates=updates)
     params_b = per_device_bytes(abstract_state["params"], state_shardings["params"])
     opt_b = per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
     frozen_b = sum(frozen_bytes.values())
@@ -222,6 +246,8 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         "collective_gb_per_step_per_device": {
             "sampling": coll_s["total"] / 1e9,
             "training": updates * coll_t["total"] / 1e9,
+            "FSDP floor (sampling)": floor["sampling"] / 1e9,
+            "FSDP floor (training)": floor["training"] / 1e9,
             "by kind (sampling)": {k: v / 1e9 for k, v in coll_s.items() if k not in ("total", "unknown_trip_counts")},
             "by kind (training)": {k: updates * v / 1e9 for k, v in coll_t.items() if k not in ("total", "unknown_trip_counts")},
             "loops without a known trip count (counted once)": coll_s["unknown_trip_counts"] + coll_t["unknown_trip_counts"],
@@ -247,12 +273,15 @@ def report_markdown(r: dict[str, Any], command: str) -> str:
     coll = r["collective_gb_per_step_per_device"]
     lines += [
         "",
-        f"- **{'fits' if r['fits'] else 'does not fit'}**: peak {r['per_device_gib']['peak']:.2f} GiB of the "
+        f"- **{'fits' if r['fits'] else 'does not fit'}**: peak {r['per_device_gib']['peak']:.3g} GiB of the "
         f"{r['usable_fraction'] * r['device_memory_gib']:.1f} GiB usable ({r['usable_fraction']:g} x "
-        f"{r['device_memory_gib']:g} GiB; {r['headroom_gib']:+.2f} GiB headroom)",
+        f"{r['device_memory_gib']:g} GiB; {r['headroom_gib']:+.3g} GiB headroom)",
         f"- FLOPs per step: {r['tflop_per_step'] / 1e3:.4g} PFLOP ({r['tflop_per_step_per_device'] / 1e3:.4g} per device)",
-        f"- collective output per step per device: sampling {coll['sampling']:.1f} GB, training "
-        f"{coll['training']:.1f} GB",
+        f"- collective output per step per device: sampling {coll['sampling']:.4g} GB "
+        f"({coll['sampling'] / max(coll['FSDP floor (sampling)'], 1e-9):.2f}x the FSDP floor of "
+        f"{coll['FSDP floor (sampling)']:.4g} GB), training {coll['training']:.4g} GB "
+        f"({coll['training'] / max(coll['FSDP floor (training)'], 1e-9):.2f}x the floor of "
+        f"{coll['FSDP floor (training)']:.4g} GB)",
         f"- compile time here: sampling {r['compile_seconds']['sampling']:.0f} s, training "
         f"{r['compile_seconds']['training']:.0f} s",
         f"- not counted: {r['not_counted']}",
