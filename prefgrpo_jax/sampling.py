@@ -256,6 +256,8 @@ class SamplerConfig:
       init_same_noise: all images of a group start from the same noise (the
         reference's default); they diverge through the SDE noise.
       cfg_scale: classifier-free guidance scale; > 1 needs ``uncond``.
+      return_means: also return every transition's mean (``Trajectory.means``),
+        which GRPO-Guard's ratio (``rationorm``) compares against.
     """
 
     num_steps: int = 25
@@ -269,6 +271,7 @@ class SamplerConfig:
     group_size: int = 8
     init_same_noise: bool = True
     cfg_scale: float = 1.0
+    return_means: bool = False
 
     def sigmas(self) -> np.ndarray:
         return make_sigmas(
@@ -284,11 +287,17 @@ class Trajectory(NamedTuple):
       ``latents[:, S]`` the final sample.
     log_probs: ``[B, S]``, log-prob of ``latents[:, i + 1]`` given ``latents[:, i]``.
     sigmas: ``[S + 1]``.
+    x0_pred: ``[B, L, C]``, the last step's prediction of the clean latent,
+      ``latents[:, S-1] - sigmas[S-1] v``: the sample without the last step's
+      noise (what the reference decodes for its rewards).
+    means: ``[B, S, L, C]`` transition means (``SamplerConfig.return_means``), else None.
     """
 
     latents: jax.Array
     log_probs: jax.Array
     sigmas: jax.Array
+    x0_pred: jax.Array
+    means: jax.Array | None = None
 
 
 def initial_noise(
@@ -347,29 +356,55 @@ def _trajectory(
 
     # params ride in the carry (unchanged): models that use nnx transforms inside
     # (scanned blocks) refuse variables closed over from an outer trace level.
+    # The carry's x0 is overwritten each step: only the last one is returned.
     def step(carry, inputs):
-        x, p = carry
+        x, _, p = carry
         sigma, sigma_next, k = inputs
         t = jnp.full((batch,), model_timesteps(sigma, config.quantize_timesteps))
         v = guided_velocity(velocity_fn, p, x, t, cond, uncond, config.cfg_scale)
+        x0 = x.astype(jnp.float32) - sigma * v.astype(jnp.float32)
         if config.mode == "ode":
             x_next = ode_step(x, v.astype(jnp.float32), sigma, sigma_next)
-            return (x_next, p), (x_next, jnp.zeros((batch,), jnp.float32))
-        x_next, log_prob, _, _ = sde_step(
-            x, v, sigma, sigma_next, eta=config.eta, mode=config.mode,
-            sigma_max=sigma_max, key=k,
-        )
-        return (x_next, p), (x_next, log_prob)
+            out = (x_next, jnp.zeros((batch,), jnp.float32))
+        else:
+            x_next, log_prob, mean, _ = sde_step(
+                x, v, sigma, sigma_next, eta=config.eta, mode=config.mode,
+                sigma_max=sigma_max, key=k,
+            )
+            out = (x_next, log_prob)
+        if config.return_means:
+            out = out + (mean if config.mode != "ode" else x_next,)
+        return (x_next, x0, p), out
 
-    _, (xs, log_probs) = jax.lax.scan(
-        step, (x_init, params), (sigmas[:-1], sigmas[1:], step_keys)
+    (_, x0_pred, _), outs = jax.lax.scan(
+        step, (x_init, jnp.zeros_like(x_init), params), (sigmas[:-1], sigmas[1:], step_keys)
     )
+    xs, log_probs = outs[0], outs[1]
     latents = jnp.concatenate([x_init[None], xs], axis=0)  # [S+1, B, L, C]
     return Trajectory(
         latents=jnp.moveaxis(latents, 0, 1),
         log_probs=jnp.moveaxis(log_probs, 0, 1),
         sigmas=sigmas,
+        x0_pred=x0_pred,
+        means=jnp.moveaxis(outs[2], 0, 1) if config.return_means else None,
     )
+
+
+REWARD_IMAGES = ("x0_pred", "sample")
+
+
+def reward_latents(trajectory: Trajectory, which: str) -> jax.Array:
+    """The ``[B, L, C]`` latents decoded for the reward.
+
+    ``x0_pred`` (the reference): the last step's clean-latent prediction, no
+    noise; ``sample``: the last SDE sample, which still carries the last
+    step's noise (std ~0.08 at sigma 0.11 -> 0 in the Pref-GRPO recipe).
+    """
+    if which == "x0_pred":
+        return trajectory.x0_pred
+    if which == "sample":
+        return trajectory.latents[:, -1]
+    raise ValueError(f"unknown reward image {which!r}; expected one of {REWARD_IMAGES}")
 
 
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "config", "latent_shape"))

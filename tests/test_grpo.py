@@ -79,7 +79,7 @@ def rollout(sampler, params, key):
 
 def test_ratio_is_one_on_policy_and_step_compiles_once():
     sampler = sampling.SamplerConfig(num_steps=6, eta=0.7, group_size=G)
-    cfg = grpo.GRPOConfig(clip_range=1e-4, timestep_fraction=0.6, grad_accum=2, timestep_chunk=3)
+    cfg = grpo.GRPOConfig(clip_range=1e-4, timestep_fraction=0.6, micro_batches=2, timestep_chunk=3)
     state, _ = make_toy(sampler, cfg, 1e-3)
     counted = chex.assert_max_traces(grpo.make_train_step(toy_velocity, sampler, cfg, grpo.make_optimizer(1e-3), jit=False), n=1)
     step = jax.jit(counted)
@@ -102,7 +102,7 @@ def test_accumulation_and_chunking_do_not_change_the_gradient():
     moved = {"a": jnp.array(0.12), "b": jnp.array([0.25, -0.1])}
     grads = []
     for accum, chunk in [(1, 1), (4, 2), (2, 4)]:
-        cfg = grpo.GRPOConfig(clip_range=0.05, timestep_fraction=1.0, grad_accum=accum, timestep_chunk=chunk)
+        cfg = grpo.GRPOConfig(clip_range=0.05, timestep_fraction=1.0, micro_batches=accum, timestep_chunk=chunk)
         sgd = optax.sgd(1.0)
         step = grpo.make_train_step(toy_velocity, sampler, cfg, sgd)
         start = jax.tree.map(jnp.copy, moved)  # donated by the step
