@@ -155,3 +155,24 @@ def test_tiny_policy_learns_with_win_rate_rewards():
     # Reward starts near -|0 - 1.5| and must move clearly towards 0.
     assert start < -1.2, start
     assert end > start + 0.8, (start, end)
+
+
+def test_guard_ratio_and_kl_forms_match_numpy():
+    rng = np.random.default_rng(0)
+    n = 3
+    logp_new, logp_old = rng.normal(size=n), rng.normal(size=n)
+    mu_new, mu_old = rng.normal(size=(n, 4, 2)), rng.normal(size=(n, 4, 2))
+    s = np.array([0.3, 0.1, 0.05])
+    dt = np.array([-0.2, -0.05, -0.01])
+    bias = ((mu_new - mu_old) ** 2).mean(axis=(1, 2)) / (2 * s**2)
+    want = np.exp((logp_new - logp_old + bias) * s)
+    got = grpo.guard_ratio(*(jnp.asarray(a, jnp.float32) for a in (logp_new, logp_old, mu_new, mu_old, s)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    sq = ((mu_new - mu_old) ** 2).mean(axis=(1, 2))
+    pref = grpo.transition_kl(*(jnp.asarray(a, jnp.float32) for a in (mu_new, mu_old, s, dt)), "prefgrpo")
+    flow = grpo.transition_kl(*(jnp.asarray(a, jnp.float32) for a in (mu_new, mu_old, s, dt)), "flowgrpo")
+    np.testing.assert_allclose(pref, sq / (2 * s**2), rtol=1e-5)
+    # Flow-GRPO divides by 2 std_t^2 with std_t = s / sqrt(|dt|): |dt| times smaller.
+    np.testing.assert_allclose(flow, sq / (2 * (s / np.sqrt(-dt)) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_form"):
+        grpo.transition_kl(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), -jnp.ones(1), "sd3")
