@@ -48,9 +48,16 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         "model.path", "model.dtype", "data.prompts", "train.prompts_per_step", "train.group_size",
         "train.num_steps", "train.eta", "train.step_mode", "train.schedule", "train.height",
         "train.width", "train.timestep_fraction", "train.clip_range", "train.adv_clip_max",
-        "train.kl_beta", "train.grad_accum", "train.timestep_chunk", "optim.learning_rate",
+        "train.kl_beta", "train.micro_batches", "train.timestep_chunk", "optim.learning_rate",
         "reward.spec", "mesh.data", "mesh.fsdp", "mesh.tensor",
     ]
+    if "grad_accum" in config.get("train", {}):
+        raise ConfigError(
+            "config.train.grad_accum was renamed: set config.train.micro_batches (micro-batches of "
+            "one optimizer update) and config.train.updates_per_rollout (optimizer steps per "
+            "rollout; the reference's gradient_accumulation_steps 4 with 8 images per rank is "
+            "updates_per_rollout=2)"
+        )
     missing = []
     for field in required:
         try:
@@ -92,7 +99,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("train.clip_range", t.clip_range > 0, "must be > 0 (PPO ratio clip eps; 1e-4 in the Pref-GRPO recipe)")
     check("train.adv_clip_max", t.adv_clip_max is None or t.adv_clip_max > 0, "must be > 0 or None")
     check("train.kl_beta", t.kl_beta >= 0, "must be >= 0")
-    check("train.grad_accum", isinstance(t.grad_accum, int) and t.grad_accum >= 1, "must be an integer >= 1")
+    check("train.micro_batches", isinstance(t.micro_batches, int) and t.micro_batches >= 1, "must be an integer >= 1")
+    _check_update_fields(config, check)
     check("train.timestep_chunk", isinstance(t.timestep_chunk, int) and t.timestep_chunk >= 1, "must be an integer >= 1")
     for side in ("height", "width"):
         check(f"train.{side}", isinstance(t[side], int) and t[side] > 0 and t[side] % 16 == 0,
@@ -146,12 +154,48 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
             problems.append(str(err))
         else:
             parallel = shape[0] * shape[1]
-            batch = t.prompts_per_step * t.group_size
-            check("train.prompts_per_step", batch % (parallel * t.grad_accum) == 0,
-                  f"prompts_per_step x group_size = {batch} must be divisible by the data-parallel "
-                  f"size {parallel} (mesh.data x mesh.fsdp) times grad_accum={t.grad_accum}")
+            per_update = t.prompts_per_step * t.group_size // t.get("updates_per_rollout", 1)
+            check("train.prompts_per_step", per_update % (parallel * t.micro_batches) == 0,
+                  f"prompts_per_step x group_size / updates_per_rollout = {per_update} samples per "
+                  f"update must be divisible by the data-parallel size {parallel} (mesh.data x "
+                  f"mesh.fsdp) times micro_batches={t.micro_batches}")
     if problems:
         raise ConfigError(f"{len(problems)} invalid config field(s):\n  " + "\n  ".join(problems))
+
+
+def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
+    """The fields of what one rollout trains and how (see README's config table)."""
+    from prefgrpo_jax import grpo
+    from prefgrpo_jax.rewards.advantages import ADV_NORMS
+
+    t, o = config.train, config.optim
+    u = t.get("updates_per_rollout", 1)
+    group_ok = isinstance(t.group_size, int) and t.group_size >= 2  # else reported on its own
+    check("train.updates_per_rollout", isinstance(u, int) and u >= 1 and (not group_ok or t.group_size % u == 0),
+          f"must be an integer >= 1 dividing train.group_size={t.group_size} (each update takes a "
+          "slice of every group; the reference's recipe is 2)")
+    check("train.reward_image", t.get("reward_image", "x0_pred") in sampling.REWARD_IMAGES,
+          f"must be one of {sampling.REWARD_IMAGES} (x0_pred: the reference)")
+    check("train.adv_norm", t.get("adv_norm", "group") in ADV_NORMS, f"must be one of {ADV_NORMS}")
+    check("train.kl_form", t.get("kl_form", "prefgrpo") in grpo.KL_FORMS, f"must be one of {grpo.KL_FORMS}")
+    check("train.rationorm", isinstance(t.get("rationorm", False), bool), "must be True or False")
+    check("reward.gdpo", isinstance(config.reward.get("gdpo", False), bool), "must be True or False")
+    cfg_scale = t.get("cfg_scale", 1.0)
+    check("train.cfg_scale", isinstance(cfg_scale, (int, float)) and cfg_scale >= 1.0,
+          "must be >= 1.0 (1.0: no classifier-free guidance; the unconditional branch uses the empty prompt)")
+    check("optim.schedule", o.get("schedule", "constant") in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
+    warmup = o.get("warmup_steps", 0)
+    check("optim.warmup_steps", isinstance(warmup, int) and warmup >= 0,
+          "must be an integer >= 0 (optimizer updates of linear warmup from 0)")
+    ema = config.get("ema", {})
+    check("ema.decay", 0.0 <= ema.get("decay", 0.0) < 1.0, "must be in [0, 1) (0: no EMA; the reference's is 0.99)")
+    check("ema.every", isinstance(ema.get("every", 1), int) and ema.get("every", 1) >= 1,
+          "must be an integer >= 1 (optimizer updates between EMA updates)")
+    check("ema.use", not ema.get("use", False) or ema.get("decay", 0.0) > 0,
+          "True needs ema.decay > 0 (the run must keep an EMA to sample, evaluate or export it)")
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -196,8 +240,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adv_clip_max = 5.0
     c.train.adv_ddof = 1
     c.train.kl_beta = 0.0
-    c.train.grad_accum = 4
+    c.train.kl_form = "prefgrpo"  # or "flowgrpo" (|dt| times smaller; Flow-GRPO's kl_beta values)
+    # Optimizer steps per rollout, each on a slice of every group: the reference's
+    # 8 images per rank with gradient_accumulation_steps 4 is 2. Steps after the
+    # first are off-policy: the only place the ratio clip acts.
+    c.train.updates_per_rollout = 2
+    c.train.micro_batches = 4  # micro-batches of one update: memory only, same update
     c.train.timestep_chunk = 1
+    c.train.rationorm = True  # GRPO-Guard ratio and |dt|-normalised loss (Pref-GRPO HEAD --rationorm)
+    c.train.adv_norm = "group"  # or "group_global_std" (Flow-GRPO), "batch" (no groups)
+    # Decoded for the reward: the last step's x0-prediction (the reference) or the
+    # last SDE sample (still noisy).
+    c.train.reward_image = "x0_pred"
+    c.train.cfg_scale = 1.0  # > 1: classifier-free guidance with the empty prompt
     c.train.max_consecutive_nonfinite = 5
 
     c.optim = ml_collections.ConfigDict()
@@ -207,6 +262,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    c.optim.schedule = "constant"  # or "cosine" (to 0 at total_steps x updates_per_rollout)
+    c.optim.warmup_steps = 0  # linear warmup over this many optimizer updates
+
+    # EMA of the trained params (off at decay 0; the reference's optional EMA uses
+    # 0.99 every update); sample/eval/export use it with --config.ema.use=True.
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.0
+    c.ema.every = 1
+    c.ema.use = False
 
     c.reward = ml_collections.ConfigDict()
     c.reward.spec = {"vlm_judge": 1.0}
@@ -214,6 +278,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Source logged as reward_mean ("" = the highest-weighted). A pure win rate
     # always averages 0.5, so pair it with a weight-0 score source to monitor.
     c.reward.monitor = ""
+    # Renormalise the weighted advantage sum over the batch before the clip
+    # (Pref-GRPO HEAD --apply_gdpo; its _common_finetune.sh ships it commented out).
+    c.reward.gdpo = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

@@ -16,6 +16,7 @@ ratios differ from 1 and the clip range acts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -182,8 +183,15 @@ def make_optimizer(
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_train_state(
+    params: Any, optimizer: optax.GradientTransformation, *, ema: bool = False
+) -> TrainState:
+    """``{"params", "opt_state", "step"}``, plus ``"ema"`` (a copy of the params,
+    see ``prefgrpo_jax.ema``) when ``ema``."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    if ema:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
 
 
 def select_timesteps(key: jax.Array, batch: int, num_steps: int, k: int) -> jax.Array:
@@ -381,6 +389,15 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=(0,), **(jit_kwargs or {}))
 
 
+@functools.partial(jax.jit, static_argnames=("num_steps", "k"))
+def with_timesteps(batch: dict, key: jax.Array, *, num_steps: int, k: int) -> dict:
+    """``batch`` plus ``timesteps [B, k]`` drawn for the whole rollout (jitted, so
+    the draw lands on the batch's devices)."""
+    B = batch["latents"].shape[0]
+    return {**batch, "timesteps": select_timesteps(key, B, num_steps, k)}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def rollout_part(batch: dict, update: int, updates: int, group_size: int) -> dict:
     """The samples of update ``update`` of ``updates``: a slice of every group.
 
@@ -491,4 +508,5 @@ __all__ = [
     "select_timesteps",
     "surrogate_terms",
     "transition_kl",
+    "with_timesteps",
 ]

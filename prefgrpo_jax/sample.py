@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from prefgrpo_jax import checkpoint, grpo
+from prefgrpo_jax import checkpoint, ema, grpo
 from prefgrpo_jax.train import build_optimizer, load_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
@@ -29,9 +29,9 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
         if step is not None:
             graphdef, params = nnx.split(pipe.transformer)
             params = jax.tree.map(lambda a: a.astype(np.float32), params)
-            like = grpo.init_train_state(params, build_optimizer(config))
+            like = grpo.init_train_state(params, build_optimizer(config), ema=ema.enabled(config))
             state, _ = checkpointer.restore(like)
-            pipe.transformer = nnx.merge(graphdef, state["params"])
+            pipe.transformer = nnx.merge(graphdef, ema.served_params(state, config))
         checkpointer.close()
     return pipe, step
 
