@@ -183,3 +183,28 @@ def test_ode_mode_and_cfg():
     np.testing.assert_allclose(np.asarray(v), np.asarray(vu + 4.0 * (vc - vu)), atol=1e-6)
     with pytest.raises(ValueError, match="uncond"):
         sampling.sample_trajectory(toy_velocity, sampling.SamplerConfig(num_steps=2, group_size=3, cfg_scale=2.0), params, jax.random.key(0), cond, shape)
+
+
+def test_reward_sees_the_last_x0_prediction_and_means_are_stored():
+    params, cond, shape = toy_setup()
+    cfg = sampling.SamplerConfig(num_steps=5, eta=0.7, group_size=3, return_means=True)
+    traj = sampling.sample_trajectory(toy_velocity, cfg, params, jax.random.key(4), cond, shape)
+    S, sig = cfg.num_steps, traj.sigmas
+    x_last = traj.latents[:, S - 1]
+    v = toy_velocity(params, x_last, jnp.full((6,), sig[S - 1]), cond)
+    want = np.asarray(x_last) - float(sig[S - 1]) * np.asarray(v)  # x_{S-1} - sigma_{S-1} v
+    np.testing.assert_allclose(np.asarray(sampling.reward_latents(traj, "x0_pred")), want, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sampling.reward_latents(traj, "sample")), np.asarray(traj.latents[:, -1]))
+    # The final SDE sample still carries the last step's noise; the x0-prediction does not.
+    assert not np.allclose(want, np.asarray(traj.latents[:, -1]), atol=1e-3)
+    with pytest.raises(ValueError, match="x0_pred"):
+        sampling.reward_latents(traj, "final")
+    # Stored means: each is the transition mean at its step, from the NumPy formula.
+    chex.assert_shape(traj.means, (6, S, *shape))
+    for i in (0, S - 1):
+        x = traj.latents[:, i]
+        vi = toy_velocity(params, x, jnp.full((6,), sig[i]), cond)
+        mean, _ = numpy_step_mean_std(np.asarray(x), np.asarray(vi), float(sig[i]), float(sig[i + 1]), 0.7, "flow", float(sig[1]))
+        np.testing.assert_allclose(np.asarray(traj.means[:, i]), mean, atol=1e-5)
+    assert sampling.sample_trajectory(toy_velocity, sampling.SamplerConfig(num_steps=5, group_size=3),
+                                      params, jax.random.key(4), cond, shape).means is None
