@@ -183,6 +183,17 @@ def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
     cfg_scale = t.get("cfg_scale", 1.0)
     check("train.cfg_scale", isinstance(cfg_scale, (int, float)) and cfg_scale >= 1.0,
           "must be >= 1.0 (1.0: no classifier-free guidance; the unconditional branch uses the empty prompt)")
+    window = t.get("sde_window", 0)
+    lo, hi = t.get("sde_window_range", (0, 0))
+    last = t.num_steps - 1 if isinstance(t.num_steps, int) else 0
+    check("train.sde_window", isinstance(window, int) and 0 <= window <= last,
+          f"must be 0 (every step stochastic) or the size of the SDE window, at most num_steps - 1 = {last}")
+    check("train.sde_window_range", not window or (0 <= lo and hi <= last and hi - lo >= window),
+          f"must be (lo, hi) with 0 <= lo, hi <= num_steps - 1 = {last} and hi - lo >= sde_window: "
+          "the window lies within steps [lo, hi)")
+    check("train.rationorm", not (t.get("rationorm", False) and t.step_mode == "cps"),
+          "cannot be combined with train.step_mode='cps' (its log-probs drop the 1/(2 std^2) scale "
+          "that GRPO-Guard's ratio assumes); use step_mode='flow'")
     check("optim.schedule", o.get("schedule", "constant") in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
     warmup = o.get("warmup_steps", 0)
     check("optim.warmup_steps", isinstance(warmup, int) and warmup >= 0,
@@ -247,6 +258,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.updates_per_rollout = 2
     c.train.micro_batches = 4  # micro-batches of one update: memory only, same update
     c.train.timestep_chunk = 1
+    # Flow-GRPO-Fast: SDE (and training) only on a window of this many steps,
+    # placed uniformly within steps [lo, hi) each rollout; ODE elsewhere. 0: off.
+    c.train.sde_window = 0
+    c.train.sde_window_range = (0, 24)
     c.train.rationorm = True  # GRPO-Guard ratio and |dt|-normalised loss (Pref-GRPO HEAD --rationorm)
     c.train.adv_norm = "group"  # or "group_global_std" (Flow-GRPO), "batch" (no groups)
     # Decoded for the reward: the last step's x0-prediction (the reference) or the

@@ -143,6 +143,9 @@ class GRPOConfig:
       rationorm: GRPO-Guard ratio (``guard_ratio``) and the per-element loss
         divided by ``|dt|``; the batch must hold the rollout's ``means``.
       updates_per_rollout: optimizer steps per rollout (``rollout_updates``).
+      sde_window: Flow-GRPO-Fast: 0, or the size of the window of stochastic
+        steps (``SamplerConfig.sde_window``); only window steps are trained,
+        ``timestep_fraction`` of them.
     """
 
     clip_range: float = 1e-4
@@ -153,12 +156,16 @@ class GRPOConfig:
     timestep_chunk: int = 1
     rationorm: bool = False
     updates_per_rollout: int = 1
+    sde_window: int = 0
 
     def num_train_timesteps(self, num_steps: int) -> int:
-        """``max(1, floor(fraction * (S - 1)))`` trained steps per sample."""
+        """``max(1, floor(fraction * n))`` trained steps per sample, n = S - 1
+        (the last step is never trained) or the SDE window's size."""
         if num_steps < 2:
             raise ValueError("GRPO needs at least 2 sampling steps (the last is not trained)")
-        return max(1, int(self.timestep_fraction * (num_steps - 1)))
+        if self.sde_window > num_steps - 1:
+            raise ValueError(f"sde_window={self.sde_window} exceeds the {num_steps - 1} trainable steps")
+        return max(1, int(self.timestep_fraction * (self.sde_window or num_steps - 1)))
 
 
 def make_optimizer(
@@ -310,6 +317,8 @@ def make_train_step(
         if "timesteps" in batch:
             idx = batch["timesteps"]
             chex.assert_shape(idx, (B, k))
+        elif grpo.sde_window:
+            raise ValueError("with sde_window the batch needs its timesteps (with_timesteps and the window start)")
         else:
             idx = select_timesteps(key, B, num_steps, k)
 
@@ -389,12 +398,20 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=(0,), **(jit_kwargs or {}))
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "k"))
-def with_timesteps(batch: dict, key: jax.Array, *, num_steps: int, k: int) -> dict:
+@functools.partial(jax.jit, static_argnames=("num_steps", "k", "window"))
+def with_timesteps(
+    batch: dict, key: jax.Array, *, num_steps: int, k: int, window: int = 0,
+    window_start: jax.Array | int = 0,
+) -> dict:
     """``batch`` plus ``timesteps [B, k]`` drawn for the whole rollout (jitted, so
-    the draw lands on the batch's devices)."""
+    the draw lands on the batch's devices): k distinct steps of ``[0, S - 1)``,
+    or of the SDE window ``[window_start, window_start + window)``."""
     B = batch["latents"].shape[0]
-    return {**batch, "timesteps": select_timesteps(key, B, num_steps, k)}
+    if window:
+        idx = window_start + select_timesteps(key, B, window + 1, k)
+    else:
+        idx = select_timesteps(key, B, num_steps, k)
+    return {**batch, "timesteps": idx}
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -58,6 +58,7 @@ def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sam
         shift=t.shift, image_seq_len=image_seq_len, quantize_timesteps=t.quantize_timesteps,
         group_size=t.group_size, init_same_noise=t.init_same_noise,
         cfg_scale=float(t.get("cfg_scale", 1.0)), return_means=bool(t.get("rationorm", False)),
+        sde_window=int(t.get("sde_window", 0)),
     )
 
 
@@ -68,6 +69,7 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
         kl_form=t.get("kl_form", "prefgrpo"), micro_batches=t.micro_batches,
         timestep_chunk=t.timestep_chunk, rationorm=bool(t.get("rationorm", False)),
         updates_per_rollout=int(t.get("updates_per_rollout", 1)),
+        sde_window=int(t.get("sde_window", 0)),
     )
 
 
@@ -268,9 +270,14 @@ class Trainer:
         cond = self.conditioning(prompts)
         # Classifier-free guidance: the unconditional branch is the empty prompt.
         uncond = self.conditioning([""] * len(prompts)) if self.sampler.cfg_scale != 1.0 else None
+        window = self.sampler.sde_window
+        window_start = 0
+        if window:  # Flow-GRPO-Fast: one window start per rollout, uniform in the range
+            lo, hi = (int(v) for v in cfg.sde_window_range)
+            window_start = jax.random.randint(jax.random.fold_in(k_train, 1), (), lo, hi - window + 1)
         traj = sampling.sample_trajectory(
             self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape,
-            uncond,
+            uncond, None, window_start,
         )
         images = self.decode(self.vae_params, sampling.reward_latents(traj, cfg.reward_image))
         local_images = self.local_rows(images)
@@ -289,6 +296,7 @@ class Trainer:
         batch = grpo.with_timesteps(
             grpo.rollout_batch(traj, advantages, cond, uncond), k_train,
             num_steps=self.sampler.num_steps, k=self.grpo.num_train_timesteps(self.sampler.num_steps),
+            window=window, window_start=window_start,
         )
         self.state, per_update = grpo.rollout_updates(
             self.train_step, self.state, batch, updates=self.grpo.updates_per_rollout, group_size=g,
