@@ -176,3 +176,24 @@ def test_guard_ratio_and_kl_forms_match_numpy():
     np.testing.assert_allclose(flow, sq / (2 * (s / np.sqrt(-dt)) ** 2), rtol=1e-5)
     with pytest.raises(ValueError, match="kl_form"):
         grpo.transition_kl(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), -jnp.ones(1), "sd3")
+
+
+def test_sde_window_trains_only_window_steps():
+    sampler = sampling.SamplerConfig(num_steps=6, eta=0.7, group_size=G, sde_window=2)
+    cfg = grpo.GRPOConfig(clip_range=0.2, timestep_fraction=1.0, sde_window=2)
+    assert cfg.num_train_timesteps(6) == 2
+    params = {"a": jnp.array(0.1), "b": jnp.array([0.2, -0.1])}
+    cond = toy_batch_cond()
+    traj = sampling.sample_trajectory(toy_velocity, sampler, params, jax.random.key(0), cond, (L, C), window_start=3)
+    batch = grpo.with_timesteps(grpo.rollout_batch(traj, jnp.linspace(-1, 1, N_PROMPTS * G), cond),
+                                jax.random.key(1), num_steps=6, k=2, window=2, window_start=3)
+    idx = np.asarray(batch["timesteps"])
+    assert set(np.unique(idx)) == {3, 4} and all(len(set(r)) == 2 for r in idx)
+    opt = grpo.make_optimizer(1e-3)
+    step = grpo.make_train_step(toy_velocity, sampler, cfg, opt)
+    _, m = step(grpo.init_train_state(params, opt), batch, None)
+    # On-policy on stochastic steps: ratio 1. (An ODE step, log-prob 0, would give exp(logp_new) != 1.)
+    assert abs(float(m["ratio_min"]) - 1) < 1e-5 and abs(float(m["ratio_max"]) - 1) < 1e-5
+    with pytest.raises(ValueError, match="sde_window"):
+        step(grpo.init_train_state({"a": jnp.array(0.1), "b": jnp.array([0.2, -0.1])}, opt),
+             {k: v for k, v in batch.items() if k != "timesteps"}, jax.random.key(2))

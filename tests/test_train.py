@@ -74,6 +74,7 @@ def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
         ("optim.schedule", "linear", "config.optim.schedule='linear': must be one of ('constant', 'cosine')"),
         ("ema.decay", 1.0, "config.ema.decay=1.0: must be in [0, 1)"),
         ("ema.use", True, "config.ema.use=True: True needs ema.decay > 0"),
+        ("train.sde_window", 10, "config.train.sde_window=10: must be 0 (every step stochastic) or the size of the SDE window, at most num_steps - 1 = 9"),
     ],
 )
 def test_validation_error_names_field_value_and_fix(tiny_config, field, value, message):
