@@ -54,7 +54,7 @@ def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
         ("train.clip_range", 0.0, "config.train.clip_range=0.0: must be > 0"),
         ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5: must be in (0, 1]"),
         ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0: must be in (0, 1]"),
-        ("train.step_mode", "ddim", "config.train.step_mode='ddim': must be one of ('flow', 'dance')"),
+        ("train.step_mode", "ddim", "config.train.step_mode='ddim': must be one of ('flow', 'dance', 'cps')"),
         ("train.num_steps", 1, "config.train.num_steps=1: must be an integer >= 2"),
         ("train.height", 30, "config.train.height=30: must be a positive multiple of 16"),
         ("train.timestep_chunk", 4, "config.train.timestep_chunk=4: must divide the 5 trained timesteps"),
