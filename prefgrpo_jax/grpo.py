@@ -449,7 +449,6 @@ def combine_update_metrics(per_update: list[dict[str, Any]]) -> dict[str, float]
     out["ratio_min"] = min(m["ratio_min"] for m in host)
     out["ratio_max"] = max(m["ratio_max"] for m in host)
     out["skipped_nonfinite"] = max(m["skipped_nonfinite"] for m in host)
-    out["grad_norm"] = host[-1]["grad_norm"]
     if len(host) > 1:
         for u, m in enumerate(host, start=1):
             for name in ("clip_fraction", "ratio_min", "ratio_max", "loss", "grad_norm"):

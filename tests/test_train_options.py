@@ -130,3 +130,29 @@ def test_official_recipes(name, tiny_flux_dir):
         assert dict(c.reward.spec) == {"vlm_judge": 0.4, "clip": 0.6} and t.rationorm
     else:
         assert dict(c.reward.spec) == {"vlm_judge": 0.7, "clip": 1.4} and not t.rationorm
+
+
+def test_ema_is_checkpointed_and_served_when_asked(tiny_flux_dir, tmp_path):
+    from flax import nnx
+
+    from prefgrpo_jax import checkpoint, sample
+
+    c = load_config("tiny")
+    c.model.path = str(tiny_flux_dir)
+    c.ema.decay = 0.9
+    pipe = train.load_pipeline(c)
+    _, params = nnx.split(pipe.transformer)
+    params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    state = grpo.init_train_state(params, train.build_optimizer(c), ema=True)
+    state["ema"] = jax.tree.map(lambda a: a + 1.0, state["ema"])  # distinguishable from params
+    want_ema = jax.tree.map(np.asarray, state["ema"])
+    want_params = jax.tree.map(np.asarray, state["params"])
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", keep=1, save_every=1)
+    ckpt.save(1, state, {"seed": 0}, force=True)
+    ckpt.close()
+    for use, want in ((True, want_ema), (False, want_params)):
+        c.ema.use = use
+        loaded, step = sample.load_trained_pipeline(c, tmp_path)
+        assert step == 1
+        got = jax.tree.map(np.asarray, nnx.split(loaded.transformer)[1])
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
