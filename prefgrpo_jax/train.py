@@ -148,7 +148,8 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
     lines.append(
         f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "
         f"steps ({sampler.mode}, eta {sampler.eta}), {grpo_cfg.num_train_timesteps(sampler.num_steps)} "
-        f"trained timesteps/sample, reward {dict(config.reward.spec)}"
+        f"trained timesteps/sample, {grpo_cfg.updates_per_rollout} optimizer step(s) per rollout, "
+        f"reward {dict(config.reward.spec)}"
     )
     return "\n".join(lines)
 

@@ -146,7 +146,7 @@ def torch_reference(params0, latents, cond, perms, adv, rationorm):
     return old, results
 
 
-@pytest.mark.parametrize("rationorm,gdpo", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("rationorm,gdpo", [(False, False), (False, True), (True, False), (True, True)])
 def test_two_updates_per_rollout_match_the_reference_loop(rationorm, gdpo):
     params0 = init_params()
     rng = np.random.default_rng(1)
