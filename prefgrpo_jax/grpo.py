@@ -275,11 +275,10 @@ def make_train_step(
         dt = sigma_next - sigma
         if grpo.rationorm:
             ratio = guard_ratio(logp_new, logp_old, mean, mean_old, noise_scale)
-            terms = surrogate_terms(ratio, adv, grpo.clip_range) / jnp.abs(dt)
+            loss = jnp.mean(surrogate_terms(ratio, adv, grpo.clip_range) / jnp.abs(dt))
         else:
             ratio = jnp.exp(logp_new - logp_old)
-            terms = surrogate_terms(ratio, adv, grpo.clip_range)
-        loss = jnp.mean(terms)
+            loss = clipped_surrogate(logp_new, logp_old, adv, grpo.clip_range)
         kl = jnp.zeros_like(logp_new)
         if grpo.kl_beta > 0:
             _, _, mean_ref, _ = transition(jax.lax.stop_gradient(ref_params))
