@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.guidance_scale = 3.5
     t.timestep_fraction = 0.6
     t.timestep_chunk = 5
-    t.grad_accum = 1
+    t.micro_batches = 1
+    t.updates_per_rollout = 2  # as the reference: the second update is off-policy, the clip acts
+    t.rationorm = False
     # The paper's clip range 1e-4 pairs with lr 1e-5 over hundreds of steps; the toy
     # run is short, so it takes larger steps with a matching clip range.
     t.clip_range = 0.05

@@ -55,7 +55,7 @@ def worker(problem: dict, per_device: int, steps: int, reps: int, n_devices: int
     def traj(params, key, cond):
         return sampling.sample_trajectory(velocity_fn, config, params, key, cond, latent_shape)
     fn = jax.jit(traj, in_shardings=(repl, repl, data),
-                 out_shardings=sampling.Trajectory(latents=data, log_probs=data, sigmas=repl))
+                 out_shardings=sampling.Trajectory(latents=data, log_probs=data, sigmas=repl, x0_pred=data))
     key = jax.random.key(0)
     t = time.perf_counter()
     compiled = fn.lower(params, key, cond).compile()

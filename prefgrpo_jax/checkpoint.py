@@ -102,17 +102,21 @@ class Checkpointer:
         )
         return restored[self.kind], dict(restored["meta"])
 
-    def restore_params(self, like: Any, step: int | None = None) -> Any:
-        """The params alone (no optimizer state is read), cast to ``like``'s dtypes."""
+    def restore_params(self, like: Any, step: int | None = None, *, subtree: str = "params") -> Any:
+        """The params alone (no optimizer state is read), cast to ``like``'s dtypes.
+
+        ``subtree``: which params of a full-state checkpoint (``"params"`` or
+        ``"ema"``); a params-only checkpoint holds one set.
+        """
         step = self._step(step)
         target = _abstract(like)
         if self.kind == "state":
-            target = {"params": target}
+            target = {subtree: target}
         args = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
         restored = self._manager.restore(step, args=ocp.args.Composite(**{self.kind: args}))[self.kind]
-        return restored["params"] if self.kind == "state" else restored
+        return restored[subtree] if self.kind == "state" else restored
 
     def reached_preemption(self, step: int) -> bool:
         """JAX's preemption sync point (TPU maintenance events arrive here, not as SIGTERM).

@@ -6,6 +6,7 @@ all problems are reported together.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,32 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
+def resolve_batch(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """A copy with the batch layout derived for ``num_devices``.
+
+    ``train.prompts_per_device > 0`` sets ``prompts_per_step`` to that many per
+    data-parallel device (the reference's per-rank batch: the rollout grows
+    with the pod); ``train.micro_batches = 0`` means one sample per device per
+    micro-batch (the reference's gradient accumulation of single samples).
+    A config that cannot be laid out is left for ``validate`` to report.
+    """
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    t = resolved.train
+    try:
+        data, fsdp, _ = sharding.mesh_shape(dict(resolved.mesh), num_devices)
+    except ValueError:
+        return resolved
+    parallel = data * fsdp
+    if isinstance(t.get("prompts_per_device", 0), int) and t.get("prompts_per_device", 0) > 0:
+        t.prompts_per_step = t.prompts_per_device * parallel
+    updates = t.get("updates_per_rollout", 1)
+    if t.micro_batches == 0 and isinstance(updates, int) and updates >= 1:
+        per_update = t.prompts_per_step * t.group_size // updates
+        if per_update % parallel == 0:
+            t.micro_batches = per_update // parallel
+    return resolved
+
+
 def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devices: int | None = None) -> None:
     """Raises ConfigError listing every invalid field (no-op for a valid config)."""
     problems: list[str] = []
@@ -49,9 +76,16 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         "model.path", "model.dtype", "data.prompts", "train.prompts_per_step", "train.group_size",
         "train.num_steps", "train.eta", "train.step_mode", "train.schedule", "train.height",
         "train.width", "train.timestep_fraction", "train.clip_range", "train.adv_clip_max",
-        "train.kl_beta", "train.grad_accum", "train.timestep_chunk", "optim.learning_rate",
+        "train.kl_beta", "train.micro_batches", "train.timestep_chunk", "optim.learning_rate",
         "reward.spec", "mesh.data", "mesh.fsdp", "mesh.tensor",
     ]
+    if "grad_accum" in config.get("train", {}):
+        raise ConfigError(
+            "config.train.grad_accum was renamed: set config.train.micro_batches (micro-batches of "
+            "one optimizer update) and config.train.updates_per_rollout (optimizer steps per "
+            "rollout; the reference's gradient_accumulation_steps 4 with 8 images per rank is "
+            "updates_per_rollout=2)"
+        )
     missing = []
     for field in required:
         try:
@@ -107,7 +141,12 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("train.clip_range", t.clip_range > 0, "must be > 0 (PPO ratio clip eps; 1e-4 in the Pref-GRPO recipe)")
     check("train.adv_clip_max", t.adv_clip_max is None or t.adv_clip_max > 0, "must be > 0 or None")
     check("train.kl_beta", t.kl_beta >= 0, "must be >= 0")
-    check("train.grad_accum", isinstance(t.grad_accum, int) and t.grad_accum >= 1, "must be an integer >= 1")
+    check("train.micro_batches", isinstance(t.micro_batches, int) and t.micro_batches >= 0,
+          "must be an integer >= 1, or 0 for one sample per device per micro-batch")
+    check("train.prompts_per_device", isinstance(t.get("prompts_per_device", 0), int)
+          and t.get("prompts_per_device", 0) >= 0,
+          "must be an integer >= 0 (0: prompts_per_step is the global count)")
+    _check_update_fields(config, check)
     check("train.timestep_chunk", isinstance(t.timestep_chunk, int) and t.timestep_chunk >= 1, "must be an integer >= 1")
     for side in ("height", "width"):
         check(f"train.{side}", isinstance(t[side], int) and t[side] > 0 and t[side] % 16 == 0,
@@ -167,10 +206,21 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
             problems.append(str(err))
         else:
             parallel = shape[0] * shape[1]
-            batch = t.prompts_per_step * t.group_size
-            check("train.prompts_per_step", batch % (parallel * t.grad_accum) == 0,
-                  f"prompts_per_step x group_size = {batch} must be divisible by the data-parallel "
-                  f"size {parallel} (mesh.data x mesh.fsdp) times grad_accum={t.grad_accum}")
+            updates = t.get("updates_per_rollout", 1)
+            per_update = t.prompts_per_step * t.group_size // updates
+            if per_update % parallel:
+                need = parallel * updates // math.gcd(parallel * updates, t.group_size)
+                problems.append(
+                    f"config.train.prompts_per_step={t.prompts_per_step}: x group_size {t.group_size} / "
+                    f"updates_per_rollout {updates} = {per_update} samples per update, not divisible by the "
+                    f"{parallel} data-parallel devices (mesh.data x mesh.fsdp); use a multiple of {need}, "
+                    "or train.prompts_per_device=1 (the reference's one prompt per device)")
+            else:
+                per_device = per_update // parallel
+                valid = [m for m in range(1, per_device + 1) if per_device % m == 0]
+                check("train.micro_batches", t.micro_batches == 0 or t.micro_batches in valid,
+                      f"must divide the {per_device} samples each of the {parallel} devices trains per "
+                      f"update; valid here: {valid} (0 = {per_device}, one sample per device per micro-batch)")
     if problems:
         raise ConfigError(f"{len(problems)} invalid config field(s):\n  " + "\n  ".join(problems))
 
@@ -197,6 +247,52 @@ def _check_unigenbench(config: ml_collections.ConfigDict, check) -> None:
     for side in ("height", "width"):
         check(f"eval.unigenbench.{side}", isinstance(u[side], int) and u[side] > 0 and u[side] % 16 == 0,
               "must be a positive multiple of 16 (1024 in the official protocol)")
+
+
+def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
+    """The fields of what one rollout trains and how (see README's config table)."""
+    from prefgrpo_jax import grpo
+    from prefgrpo_jax.rewards.advantages import ADV_NORMS
+
+    t, o = config.train, config.optim
+    u = t.get("updates_per_rollout", 1)
+    group_ok = isinstance(t.group_size, int) and t.group_size >= 2  # else reported on its own
+    check("train.updates_per_rollout", isinstance(u, int) and u >= 1 and (not group_ok or t.group_size % u == 0),
+          f"must be an integer >= 1 dividing train.group_size={t.group_size} (each update takes a "
+          "slice of every group; the reference's recipe is 2)")
+    check("train.reward_image", t.get("reward_image", "x0_pred") in sampling.REWARD_IMAGES,
+          f"must be one of {sampling.REWARD_IMAGES} (x0_pred: the reference)")
+    check("train.adv_norm", t.get("adv_norm", "group") in ADV_NORMS, f"must be one of {ADV_NORMS}")
+    check("train.kl_form", t.get("kl_form", "prefgrpo") in grpo.KL_FORMS, f"must be one of {grpo.KL_FORMS}")
+    check("train.rationorm", isinstance(t.get("rationorm", False), bool), "must be True or False")
+    check("reward.gdpo", isinstance(config.reward.get("gdpo", False), bool), "must be True or False")
+    cfg_scale = t.get("cfg_scale", 1.0)
+    check("train.cfg_scale", isinstance(cfg_scale, (int, float)) and cfg_scale >= 1.0,
+          "must be >= 1.0 (1.0: no classifier-free guidance; the unconditional branch uses the empty prompt)")
+    window = t.get("sde_window", 0)
+    lo, hi = t.get("sde_window_range", (0, 0))
+    last = t.num_steps - 1 if isinstance(t.num_steps, int) else 0
+    check("train.sde_window", isinstance(window, int) and 0 <= window <= last,
+          f"must be 0 (every step stochastic) or the size of the SDE window, at most num_steps - 1 = {last}")
+    check("train.sde_window_range", not window or (0 <= lo and hi <= last and hi - lo >= window),
+          f"must be (lo, hi) with 0 <= lo, hi <= num_steps - 1 = {last} and hi - lo >= sde_window: "
+          "the window lies within steps [lo, hi)")
+    check("train.rationorm", not (t.get("rationorm", False) and t.step_mode == "cps"),
+          "cannot be combined with train.step_mode='cps' (its log-probs drop the 1/(2 std^2) scale "
+          "that GRPO-Guard's ratio assumes); use step_mode='flow'")
+    check("optim.schedule", o.get("schedule", "constant") in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
+    warmup = o.get("warmup_steps", 0)
+    check("optim.warmup_steps", isinstance(warmup, int) and warmup >= 0,
+          "must be an integer >= 0 (optimizer updates of linear warmup from 0)")
+    ema = config.get("ema", {})
+    check("ema.decay", 0.0 <= ema.get("decay", 0.0) < 1.0, "must be in [0, 1) (0: no EMA; the reference's is 0.99)")
+    check("ema.every", isinstance(ema.get("every", 1), int) and ema.get("every", 1) >= 1,
+          "must be an integer >= 1 (optimizer updates between EMA updates)")
+    check("ema.use", not ema.get("use", False) or ema.get("decay", 0.0) > 0,
+          "True needs ema.decay > 0 (the run must keep an EMA to sample, evaluate or export it)")
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -248,8 +344,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.adv_clip_max = 5.0
     c.train.adv_ddof = 1
     c.train.kl_beta = 0.0
-    c.train.grad_accum = 4
+    c.train.kl_form = "prefgrpo"  # or "flowgrpo" (|dt| times smaller; Flow-GRPO's kl_beta values)
+    # Optimizer steps per rollout, each on a slice of every group: the reference's
+    # 8 images per rank with gradient_accumulation_steps 4 is 2. Steps after the
+    # first are off-policy: the only place the ratio clip acts.
+    c.train.updates_per_rollout = 2
+    c.train.micro_batches = 4  # micro-batches of one update: memory only, same update (0: 1 sample/device each)
+    # > 0: prompts_per_step = this x the data-parallel devices (the reference's
+    # per-rank batch, so the rollout grows with the pod); 0: prompts_per_step.
+    c.train.prompts_per_device = 0
     c.train.timestep_chunk = 1
+    # Flow-GRPO-Fast: SDE (and training) only on a window of this many steps,
+    # placed uniformly within steps [lo, hi) each rollout; ODE elsewhere. 0: off.
+    c.train.sde_window = 0
+    c.train.sde_window_range = (0, 24)
+    c.train.rationorm = True  # GRPO-Guard ratio and |dt|-normalised loss (Pref-GRPO HEAD --rationorm)
+    c.train.adv_norm = "group"  # or "group_global_std" (Flow-GRPO), "batch" (no groups)
+    # Decoded for the reward: the last step's x0-prediction (the reference) or the
+    # last SDE sample (still noisy).
+    c.train.reward_image = "x0_pred"
+    c.train.cfg_scale = 1.0  # > 1: classifier-free guidance with the empty prompt
     c.train.max_consecutive_nonfinite = 5
 
     c.optim = ml_collections.ConfigDict()
@@ -259,6 +373,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    c.optim.schedule = "constant"  # or "cosine" (to 0 at total_steps x updates_per_rollout)
+    c.optim.warmup_steps = 0  # linear warmup over this many optimizer updates
+
+    # EMA of the trained params (off at decay 0; the reference's optional EMA uses
+    # 0.99 every update); sample/eval/export use it with --config.ema.use=True.
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.0
+    c.ema.every = 1
+    c.ema.use = False
 
     c.reward = ml_collections.ConfigDict()
     c.reward.spec = {"vlm_judge": 1.0}
@@ -266,6 +389,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Source logged as reward_mean ("" = the highest-weighted). A pure win rate
     # always averages 0.5, so pair it with a weight-0 score source to monitor.
     c.reward.monitor = ""
+    # Renormalise the weighted advantage sum over the batch before the clip
+    # (Pref-GRPO HEAD --apply_gdpo; its _common_finetune.sh ships it commented out).
+    c.reward.gdpo = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1

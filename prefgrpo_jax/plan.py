@@ -84,7 +84,7 @@ def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo
             gathered += math.prod(leaf.shape) * jnp.dtype(compute_dtype).itemsize
             scattered += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
     k = grpo_cfg.num_train_timesteps(sampler.num_steps)
-    passes = grpo_cfg.grad_accum * (k // grpo_cfg.timestep_chunk)
+    passes = grpo_cfg.micro_batches * (k // grpo_cfg.timestep_chunk)
     return {
         "sampling": sampler.num_steps * gathered,
         "training": updates * passes * ((2 if remat else 1) * gathered + scattered),
@@ -120,6 +120,7 @@ def build_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if n_dev != p.devices:
         raise RuntimeError(f"plan: {p.devices} devices were asked for but JAX has {n_dev}; "
                            "run through `python -m prefgrpo_jax.main --mode=plan`, which sets them up")
+    config = config_lib.resolve_batch(config, n_dev)
     config_lib.validate(config, mode="plan", num_devices=n_dev)
     mesh = sharding.make_mesh(dict(config.mesh))
     # Traced as the trainer traces them: activations pinned to the batch.
@@ -190,8 +191,17 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     traj = jax.eval_shape(lambda prm, k, c: sampling.sample_trajectory(velocity_fn, sampler, prm, k, c, latent_shape),
                           state_abs["params"], key, cond)
     adv = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    batch_abs = _batch_abstract(jax.eval_shape(grpo.rollout_batch, traj, adv, cond), mesh, batch)
     grpo_cfg = grpo_config(config)
+    updates = grpo_cfg.updates_per_rollout
+    # One optimizer update's batch: a 1/updates slice of every group, with its
+    # trained timesteps drawn for the rollout (as Trainer.step builds it).
+    rollout = jax.eval_shape(
+        lambda tr, a, c, k: grpo.with_timesteps(grpo.rollout_batch(tr, a, c), k, num_steps=sampler.num_steps,
+                                                k=grpo_cfg.num_train_timesteps(sampler.num_steps)),
+        traj, adv, cond, key)
+    per_update = batch // updates
+    batch_abs = _batch_abstract(
+        jax.eval_shape(lambda r: grpo.rollout_part(r, 0, updates, t.group_size), rollout), mesh, per_update)
     repl = sharding.replicated(mesh)
     train_step = grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer,
                                       jit_kwargs={"out_shardings": (state_shardings, repl)})
@@ -204,7 +214,6 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     mem_t = program_analysis.memory_stats(compiled_t)
     coll_s = program_analysis.collective_bytes(compiled_s.as_text())
     coll_t = program_analysis.collective_bytes(compiled_t.as_text())
-    updates = int(t.get("updates_per_rollout", 1))
 
     # XLA's CPU backend upcasts bf16 dots to f32 and gathers the weights in f32;
     # GPU/TPU compiles gather in the compute dtype. The simulated floor uses f32.

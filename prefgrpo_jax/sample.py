@@ -16,6 +16,7 @@ from PIL import Image
 from prefgrpo_jax.state import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
+
 def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     """Writes ``workdir/samples/step_<k>/`` PNGs (one per image) and a grid."""
     s = config.sample

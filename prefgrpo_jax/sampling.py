@@ -21,7 +21,7 @@ import numpy as np
 
 from prefgrpo_jax import sharding
 
-STEP_MODES = ("flow", "dance")
+STEP_MODES = ("flow", "dance", "cps")
 SCHEDULES = ("sd3", "flux")
 
 # velocity_fn(params, x [B, L, C], timesteps [B] in [0, 1], cond) -> v [B, L, C]
@@ -168,6 +168,14 @@ def sde_mean_std(
         score = -(x - x0_hat * (1.0 - s)) / s**2
         mean = x + dt * v - 0.5 * eta**2 * score * dt
         std = eta * jnp.sqrt(s - s_next)
+    elif mode == "cps":
+        # Coefficients-preserving sampling (Wang & Yu 2025, Flow-GRPO sde_type="cps"):
+        # the next latent keeps the forward process's coefficients, (1 - s') x0 +
+        # s' noise, with a share sin(eta pi / 2) of the noise fresh.
+        std = s_next * jnp.sin(eta * jnp.pi / 2.0)
+        x0_hat = x - s * v
+        x1_hat = x + (1.0 - s) * v
+        mean = x0_hat * (1.0 - s_next) + x1_hat * jnp.sqrt(jnp.maximum(s_next**2 - std**2, 0.0))
     else:
         raise ValueError(f"unknown SDE step mode {mode!r}; expected one of {STEP_MODES}")
     return mean, std
@@ -204,7 +212,8 @@ def sde_step(
       v: ``[B, ...]`` velocity predicted at ``x``.
       sigma, sigma_next: scalars or ``[B]``; ``sigma_next < sigma``.
       eta: noise level of the SDE.
-      mode: "flow" (Flow-GRPO, Pref-GRPO's default) or "dance" (DanceGRPO).
+      mode: "flow" (Flow-GRPO, Pref-GRPO's default), "dance" (DanceGRPO) or
+        "cps" (coefficients-preserving sampling).
       sigma_max: ``sigmas[1]``, used by "flow" in place of sigma = 1 in the
         std's denominator.
       key: sample a new ``next_sample`` with this key, or
@@ -213,7 +222,10 @@ def sde_step(
 
     Returns:
       ``(next_sample, log_prob [B], mean, std)``; log_prob is the per-sample mean
-      over non-batch dims of the Gaussian log-density, fp32.
+      over non-batch dims of the Gaussian log-density, fp32. For "cps" it is
+      ``-mean((next - mean)^2)``, the log-density without its constants and its
+      ``1 / (2 std^2)`` scale, as Flow-GRPO computes it (the std is 0 at the
+      last step, where the true density is degenerate).
     """
     if (key is None) == (next_sample is None):
         raise ValueError("sde_step needs exactly one of key= (sample) or next_sample= (score)")
@@ -225,7 +237,10 @@ def sde_step(
     else:
         chex.assert_equal_shape([x, next_sample])
         next_sample = next_sample.astype(jnp.float32)
-    log_prob = gaussian_log_prob(next_sample, mean, std)
+    if mode == "cps":
+        log_prob = -jnp.mean((next_sample - mean) ** 2, axis=tuple(range(1, x.ndim)))
+    else:
+        log_prob = gaussian_log_prob(next_sample, mean, std)
     return next_sample, log_prob, mean, std
 
 
@@ -247,8 +262,8 @@ class SamplerConfig:
     Attributes:
       num_steps: S denoising steps.
       eta: SDE noise level (0.7 in the Pref-GRPO recipe).
-      mode: "flow" | "dance" (stochastic, with log-probs) or "ode" (deterministic;
-        log-probs are zeros).
+      mode: "flow" | "dance" | "cps" (stochastic, with log-probs) or "ode"
+        (deterministic; log-probs are zeros).
       schedule, shift: see ``make_sigmas``.
       image_seq_len: image tokens, needed by ``schedule="flux"`` (unless ``mu``).
       mu: explicit FLUX shift, overriding the one derived from ``image_seq_len``.
@@ -258,6 +273,12 @@ class SamplerConfig:
       init_same_noise: all images of a group start from the same noise (the
         reference's default); they diverge through the SDE noise.
       cfg_scale: classifier-free guidance scale; > 1 needs ``uncond``.
+      return_means: also return every transition's mean (``Trajectory.means``),
+        which GRPO-Guard's ratio (``rationorm``) compares against.
+      sde_window: Flow-GRPO-Fast: 0 (every step stochastic) or the number of
+        consecutive stochastic steps, from ``window_start`` (a traced argument
+        of ``sample_trajectory``); the other steps are ODE steps with
+        log-prob 0 and mean = the ODE step.
     """
 
     num_steps: int = 25
@@ -271,6 +292,8 @@ class SamplerConfig:
     group_size: int = 8
     init_same_noise: bool = True
     cfg_scale: float = 1.0
+    return_means: bool = False
+    sde_window: int = 0
 
     def sigmas(self) -> np.ndarray:
         return make_sigmas(
@@ -286,11 +309,17 @@ class Trajectory(NamedTuple):
       ``latents[:, S]`` the final sample.
     log_probs: ``[B, S]``, log-prob of ``latents[:, i + 1]`` given ``latents[:, i]``.
     sigmas: ``[S + 1]``.
+    x0_pred: ``[B, L, C]``, the last step's prediction of the clean latent,
+      ``latents[:, S-1] - sigmas[S-1] v``: the sample without the last step's
+      noise (what the reference decodes for its rewards).
+    means: ``[B, S, L, C]`` transition means (``SamplerConfig.return_means``), else None.
     """
 
     latents: jax.Array
     log_probs: jax.Array
     sigmas: jax.Array
+    x0_pred: jax.Array
+    means: jax.Array | None = None
 
 
 def initial_noise(
@@ -332,6 +361,7 @@ def _trajectory(
     latent_shape: tuple[int, int],
     uncond: Any = None,
     x_init: jax.Array | None = None,
+    window_start: jax.Array | int = 0,
 ) -> Trajectory:
     batch = jax.tree.leaves(cond)[0].shape[0]
     if config.cfg_scale != 1.0 and uncond is None:
@@ -349,30 +379,63 @@ def _trajectory(
 
     # params ride in the carry (unchanged): models that use nnx transforms inside
     # (scanned blocks) refuse variables closed over from an outer trace level.
+    # The carry's x0 is overwritten each step: only the last one is returned.
     def step(carry, inputs):
-        x, p = carry
+        x, _, p = carry
         x = sharding.constrain(x, ("batch", None, None))  # the latent stays with its rows
-        sigma, sigma_next, k = inputs
+        i, sigma, sigma_next, k = inputs
         t = jnp.full((batch,), model_timesteps(sigma, config.quantize_timesteps))
         v = guided_velocity(velocity_fn, p, x, t, cond, uncond, config.cfg_scale)
+        x0 = x.astype(jnp.float32) - sigma * v.astype(jnp.float32)
         if config.mode == "ode":
             x_next = ode_step(x, v.astype(jnp.float32), sigma, sigma_next)
-            return (x_next, p), (x_next, jnp.zeros((batch,), jnp.float32))
-        x_next, log_prob, _, _ = sde_step(
-            x, v, sigma, sigma_next, eta=config.eta, mode=config.mode,
-            sigma_max=sigma_max, key=k,
-        )
-        return (x_next, p), (x_next, log_prob)
+            out = (x_next, jnp.zeros((batch,), jnp.float32))
+        else:
+            x_next, log_prob, mean, _ = sde_step(
+                x, v, sigma, sigma_next, eta=config.eta, mode=config.mode,
+                sigma_max=sigma_max, key=k,
+            )
+            if config.sde_window:
+                on = (i >= window_start) & (i < window_start + config.sde_window)
+                x_ode = ode_step(x.astype(jnp.float32), v.astype(jnp.float32), sigma, sigma_next)
+                x_next = jnp.where(on, x_next, x_ode)
+                log_prob = jnp.where(on, log_prob, 0.0)
+                mean = jnp.where(on, mean, x_ode)
+            out = (x_next, log_prob)
+        if config.return_means:
+            out = out + (mean if config.mode != "ode" else x_next,)
+        return (x_next, x0, p), out
 
-    _, (xs, log_probs) = jax.lax.scan(
-        step, (x_init, params), (sigmas[:-1], sigmas[1:], step_keys)
+    (_, x0_pred, _), outs = jax.lax.scan(
+        step, (x_init, jnp.zeros_like(x_init), params),
+        (jnp.arange(config.num_steps), sigmas[:-1], sigmas[1:], step_keys),
     )
+    xs, log_probs = outs[0], outs[1]
     latents = jnp.concatenate([x_init[None], xs], axis=0)  # [S+1, B, L, C]
     return Trajectory(
         latents=jnp.moveaxis(latents, 0, 1),
         log_probs=jnp.moveaxis(log_probs, 0, 1),
         sigmas=sigmas,
+        x0_pred=x0_pred,
+        means=jnp.moveaxis(outs[2], 0, 1) if config.return_means else None,
     )
+
+
+REWARD_IMAGES = ("x0_pred", "sample")
+
+
+def reward_latents(trajectory: Trajectory, which: str) -> jax.Array:
+    """The ``[B, L, C]`` latents decoded for the reward.
+
+    ``x0_pred`` (the reference): the last step's clean-latent prediction, no
+    noise; ``sample``: the last SDE sample, which still carries the last
+    step's noise (std ~0.08 at sigma 0.11 -> 0 in the Pref-GRPO recipe).
+    """
+    if which == "x0_pred":
+        return trajectory.x0_pred
+    if which == "sample":
+        return trajectory.latents[:, -1]
+    raise ValueError(f"unknown reward image {which!r}; expected one of {REWARD_IMAGES}")
 
 
 @functools.partial(jax.jit, static_argnames=("velocity_fn", "config", "latent_shape"))
@@ -385,6 +448,7 @@ def sample_trajectory(
     latent_shape: tuple[int, int],
     uncond: Any = None,
     x_init: jax.Array | None = None,
+    window_start: jax.Array | int = 0,
 ) -> Trajectory:
     """The whole denoising loop, one ``lax.scan`` under ``jit``.
 
@@ -399,8 +463,9 @@ def sample_trajectory(
       latent_shape: ``(L, C)`` of one packed latent.
       uncond: conditioning for classifier-free guidance (``cfg_scale > 1``).
       x_init: optional ``[B, L, C]`` initial latents (default: drawn from ``key``).
+      window_start: first stochastic step when ``config.sde_window`` (traced).
 
     Returns:
       A ``Trajectory`` (latents ``[B,S+1,L,C]``, log_probs ``[B,S]``, sigmas ``[S+1]``).
     """
-    return _trajectory(velocity_fn, config, params, key, cond, latent_shape, uncond, x_init)
+    return _trajectory(velocity_fn, config, params, key, cond, latent_shape, uncond, x_init, window_start)

@@ -87,15 +87,18 @@ def load_pipeline(
 
 
 def train_state_shardings(abstract_params: Any, optimizer: optax.GradientTransformation,
-                          config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
+                          config: ml_collections.ConfigDict, mesh: Mesh, *, ema: bool = False
+                          ) -> tuple[Any, Any]:
     """``(abstract train state, its shardings)``; nothing is allocated."""
-    abstract = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer), abstract_params)
+    abstract = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer, ema=ema), abstract_params)
     return abstract, tree_shardings(abstract, config, mesh)
 
 
-def init_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: Any) -> grpo.TrainState:
+def init_train_state(params: Any, optimizer: optax.GradientTransformation, shardings: Any, *,
+                     ema: bool = False) -> grpo.TrainState:
     """The train state born in ``shardings``; ``params`` are donated (no second copy)."""
-    init = jax.jit(lambda p: grpo.init_train_state(p, optimizer), out_shardings=shardings, donate_argnums=0)
+    init = jax.jit(lambda p: grpo.init_train_state(p, optimizer, ema=ema), out_shardings=shardings,
+                   donate_argnums=0)
     return init(params)
 
 
@@ -139,8 +142,11 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
     pipe = load_pipeline(config, mesh, load_transformer=False)
     _, abstract = nnx.split(pipe.transformer)
     target = with_shardings(abstract, tree_shardings(abstract, config, mesh))
+    # Full-state checkpoints hold the EMA beside the params; params-only ones
+    # hold what was served (the EMA when ema.use) as their params.
+    subtree = "ema" if ckpt.kind == "state" and config.get("ema", {}).get("use", False) else "params"
     try:
-        params = ckpt.restore_params(target, step)
+        params = ckpt.restore_params(target, step, subtree=subtree)
     finally:
         ckpt.close()
     log.info("restored the transformer of step %d from %s", step, ckpt.directory)

@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
 from prefgrpo_jax import state as state_lib
+from prefgrpo_jax import ema as ema_lib
 from prefgrpo_jax.models import autoencoder
 from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
@@ -46,6 +48,8 @@ def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sam
         num_steps=t.num_steps, eta=t.eta, mode=t.step_mode, schedule=t.schedule,
         shift=t.shift, image_seq_len=image_seq_len, quantize_timesteps=t.quantize_timesteps,
         group_size=t.group_size, init_same_noise=t.init_same_noise,
+        cfg_scale=float(t.get("cfg_scale", 1.0)), return_means=bool(t.get("rationorm", False)),
+        sde_window=int(t.get("sde_window", 0)),
     )
 
 
@@ -53,14 +57,35 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
     t = config.train
     return grpo.GRPOConfig(
         clip_range=t.clip_range, timestep_fraction=t.timestep_fraction, kl_beta=t.kl_beta,
-        grad_accum=t.grad_accum, timestep_chunk=t.timestep_chunk,
+        kl_form=t.get("kl_form", "prefgrpo"), micro_batches=t.micro_batches,
+        timestep_chunk=t.timestep_chunk, rationorm=bool(t.get("rationorm", False)),
+        updates_per_rollout=int(t.get("updates_per_rollout", 1)),
+        sde_window=int(t.get("sde_window", 0)),
     )
+
+
+def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Learning rate per optimizer update: linear warmup from 0 over
+    ``optim.warmup_steps``, then constant or cosine to 0 at the last update
+    (``total_steps x updates_per_rollout``)."""
+    o = config.optim
+    lr = float(o.learning_rate)
+    warmup = int(o.get("warmup_steps", 0))
+    total = int(config.total_steps) * int(config.train.get("updates_per_rollout", 1))
+    kind = o.get("schedule", "constant")
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
+    if kind != "constant":
+        raise config_lib.ConfigError(f"config.optim.schedule={kind!r}: must be one of {config_lib.LR_SCHEDULES}")
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
 def build_optimizer(config: ml_collections.ConfigDict):
     o = config.optim
     return grpo.make_optimizer(
-        o.learning_rate, weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
+        lr_schedule(config), weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
         b1=o.b1, b2=o.b2, eps=o.eps,
     )
 
@@ -114,7 +139,8 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
     lines.append(
         f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "
         f"steps ({sampler.mode}, eta {sampler.eta}), {grpo_cfg.num_train_timesteps(sampler.num_steps)} "
-        f"trained timesteps/sample, reward {dict(config.reward.spec)}"
+        f"trained timesteps/sample, {grpo_cfg.updates_per_rollout} optimizer step(s) per rollout, "
+        f"reward {dict(config.reward.spec)}"
     )
     return "\n".join(lines)
 
@@ -123,6 +149,8 @@ class Trainer:
     """Holds the compiled functions and state of one training run."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        # The batch layout (prompts per device, micro-batches) derived for this pod.
+        config = config_lib.resolve_batch(config, jax.device_count())
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +163,10 @@ class Trainer:
             )
         self.mesh = sharding.make_mesh(dict(config.mesh))
         self.optimizer = build_optimizer(config)
+        ema_decay = float(config.get("ema", {}).get("decay", 0.0))
+        self.ema_update = (
+            ema_lib.make_ema_update(ema_decay, int(config.ema.every)) if ema_decay > 0 else None
+        )
         self.checkpointer = checkpoint.Checkpointer(
             self.workdir / checkpoint.DIRECTORIES["state"], keep=config.keep_checkpoints,
             save_every=config.checkpoint_every,
@@ -154,19 +186,21 @@ class Trainer:
                                             load_transformer=load_base)
         graphdef, params = self.pipe.take_transformer_params()
         abstract_state, self.state_shardings = state_lib.train_state_shardings(
-            params, self.optimizer, config, self.mesh)
+            params, self.optimizer, config, self.mesh, ema=self.ema_update is not None)
         self.ref_params = None
         if t.kl_beta > 0:
             # Frozen reference = the initial weights, in a buffer of its own.
             self.ref_params = state_lib.copy_params(params, self.state_shardings["params"])
         # On resume the state is restored into these shardings by restore().
         self.state = (state_lib.with_shardings(abstract_state, self.state_shardings) if resuming
-                      else state_lib.init_train_state(params, self.optimizer, self.state_shardings))
+                      else state_lib.init_train_state(params, self.optimizer, self.state_shardings,
+                                                      ema=self.ema_update is not None))
         del params
         self.h, self.w = self.pipe.latent_hw(t.height, t.width)
         self.latent_shape = ((self.h // 2) * (self.w // 2), self.pipe.transformer.cfg.in_channels)
         self.sampler = sampler_config(config, self.latent_shape[0])
         self.grpo = grpo_config(config)
+        self.lr_schedule = lr_schedule(config)
         self.velocity_fn = self.pipe.velocity_fn
         repl = sharding.replicated(self.mesh)
         self.train_step = grpo.make_train_step(
@@ -186,7 +220,8 @@ class Trainer:
         self.decode = decode
         self.reward = registry.build_reward_mix(
             config.reward.spec, config.reward.get("options"), ddof=int(t.adv_ddof),
-            adv_clip_max=t.adv_clip_max,
+            adv_clip_max=t.adv_clip_max, adv_norm=t.get("adv_norm", "group"),
+            gdpo=bool(config.reward.get("gdpo", False)),
         )
         source = prompt_source(config, self.workdir)
         self.local_prompts = t.prompts_per_step // jax.process_count()
@@ -242,10 +277,18 @@ class Trainer:
         batch_prompts = self.stream.batch_at(step)
         prompts = list(batch_prompts.prompts)
         cond = self.conditioning(prompts)
+        # Classifier-free guidance: the unconditional branch is the empty prompt.
+        uncond = self.conditioning([""] * len(prompts)) if self.sampler.cfg_scale != 1.0 else None
+        window = self.sampler.sde_window
+        window_start = 0
+        if window:  # Flow-GRPO-Fast: one window start per rollout, uniform in the range
+            lo, hi = (int(v) for v in cfg.sde_window_range)
+            window_start = jax.random.randint(jax.random.fold_in(k_train, 1), (), lo, hi - window + 1)
         traj = sampling.sample_trajectory(
-            self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape
+            self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape,
+            uncond, None, window_start,
         )
-        images = self.decode(self.vae_params, traj.latents[:, -1])
+        images = self.decode(self.vae_params, sampling.reward_latents(traj, cfg.reward_image))
         local_images = self.local_rows(images)
         local_images = local_images.reshape(self.local_prompts, g, *local_images.shape[1:])
         t_reward = time.perf_counter()
@@ -259,9 +302,16 @@ class Trainer:
         adv_all = np.asarray(out.advantages, np.float32)
         rows = slice(jax.process_index() * self.local_prompts, (jax.process_index() + 1) * self.local_prompts)
         advantages = sharding.from_process_local(adv_all[rows].reshape(-1), self.mesh)
-        batch = grpo.rollout_batch(traj, advantages, cond)
-        self.state, metrics = self.train_step(self.state, batch, k_train, self.ref_params)
-        metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
+        batch = grpo.with_timesteps(
+            grpo.rollout_batch(traj, advantages, cond, uncond), k_train,
+            num_steps=self.sampler.num_steps, k=self.grpo.num_train_timesteps(self.sampler.num_steps),
+            window=window, window_start=window_start,
+        )
+        self.state, per_update = grpo.rollout_updates(
+            self.train_step, self.state, batch, updates=self.grpo.updates_per_rollout, group_size=g,
+            ref_params=self.ref_params, after_update=self.ema_update,
+        )
+        metrics = grpo.combine_update_metrics([sharding.to_host(m) for m in per_update])
         primary = self.config.reward.get("monitor") or max(
             self.reward.weights, key=lambda k: self.reward.weights[k]
         )
@@ -273,7 +323,7 @@ class Trainer:
             "adv_mean": float(adv_all.mean()),
             "adv_std": float(adv_all.std()),
             "adv_abs_max": float(np.abs(adv_all).max()),
-            "learning_rate": float(self.config.optim.learning_rate),
+            "learning_rate": float(self.lr_schedule(int(self.state["step"]) - 1)),
             "epoch": int(batch_prompts.epochs[-1]),
         })
         for name, value in out.diagnostics.items():
@@ -316,7 +366,7 @@ class Trainer:
         """The pipeline with the current trained transformer weights (everything else shared)."""
         graphdef, _ = nnx.split(self.pipe.transformer)
         pipe = copy.copy(self.pipe)
-        pipe.transformer = nnx.merge(graphdef, self.state["params"])
+        pipe.transformer = nnx.merge(graphdef, ema_lib.served_params(self.state, self.config))
         return pipe
 
     def run(self) -> None:
@@ -353,7 +403,9 @@ class Trainer:
                     stop = checkpoint.any_process(preempt.requested) or self.checkpointer.reached_preemption(done)
                     self.checkpointer.save(done, self.state, self.meta(done), force=stop or done == cfg.total_steps)
                     if self.params_checkpointer is not None:
-                        self.params_checkpointer.save(done, self.state["params"], self.meta(done))
+                        # What sample/eval/export serve: the EMA when ema.use.
+                        self.params_checkpointer.save(
+                            done, ema_lib.served_params(self.state, cfg), self.meta(done))
                     if self.is_chief:
                         _progress(done, cfg.total_steps, start, t_start, metrics)
                     if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
@@ -399,7 +451,7 @@ class Trainer:
         from prefgrpo_jax import export
 
         graphdef, _ = nnx.split(self.pipe.transformer)
-        model = nnx.merge(graphdef, self.state["params"])
+        model = nnx.merge(graphdef, ema_lib.served_params(self.state, self.config))
         out = self.workdir / "export" / "transformer"
         export.save_transformer(model, out, dtype=self.config.export.dtype)
         if self.is_chief:

@@ -283,12 +283,12 @@ def judge_image(judge, protocol: Protocol, item: Item, image: np.ndarray | Path,
 
     ``result_json`` is None when no reply parsed (the image is skipped).
     """
-    from prefgrpo_jax.rewards.judge import encode_jpeg_data_url
+    from prefgrpo_jax.rewards.judge import encode_image_data_url
 
     if isinstance(image, Path):
         image = read_image(image)
     text = request_text(protocol, item)
-    url = encode_jpeg_data_url(image)
+    url = encode_image_data_url(image, "jpeg", 95)
     reply, result = None, None
     attempts = 0
     for attempts in range(1, max_retries + 2):

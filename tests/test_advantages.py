@@ -8,7 +8,9 @@ from hypothesis import given, settings, strategies as st
 from prefgrpo_jax.rewards import (
     clip_advantages,
     combine_advantages,
+    gdpo_normalize,
     group_advantages,
+    normalized_advantages,
     preferences_from_scores,
     win_rates,
 )
@@ -103,3 +105,26 @@ def test_bad_shapes_raise():
         win_rates(jnp.zeros((1, 1, 1)))
     with pytest.raises(ValueError, match="too small"):
         group_advantages(jnp.zeros((2, 1)))
+
+
+def test_normalisation_modes_match_numpy():
+    r = np.random.default_rng(3).normal(size=(3, 4)).astype(np.float32)
+    r[1] = 0.25 + 1e-4 * r[1]  # a near-tied group: tiny group std
+    glob = (r - r.mean(axis=1, keepdims=True)) / (r.std(ddof=1) + 1e-8)
+    np.testing.assert_allclose(normalized_advantages(jnp.asarray(r), "group_global_std"), glob, rtol=1e-5, atol=1e-6)
+    batch = (r - r.mean()) / (r.std(ddof=0) + 1e-8)
+    np.testing.assert_allclose(normalized_advantages(jnp.asarray(r), "batch", ddof=0), batch, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(normalized_advantages(jnp.asarray(r), "group"), group_advantages(jnp.asarray(r)))
+    # The near-tied group: amplified to unit scale per group, damped with the global std.
+    assert np.abs(np.asarray(group_advantages(jnp.asarray(r)))[1]).max() > 0.5
+    assert np.abs(glob[1]).max() < 1e-3
+    with pytest.raises(ValueError, match="group_global_std"):
+        normalized_advantages(jnp.asarray(r), "prompt")
+
+
+def test_gdpo_renormalises_over_the_batch():
+    a = np.random.default_rng(4).normal(size=(2, 4)).astype(np.float32) * 3.0 + 1.0
+    want = (a - a.mean()) / (a.std(ddof=1) + 1e-8)
+    got = np.asarray(gdpo_normalize(jnp.asarray(a)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(got.mean()) < 1e-6 and got.std(ddof=1) == pytest.approx(1.0, rel=1e-5)

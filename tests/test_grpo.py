@@ -79,7 +79,7 @@ def rollout(sampler, params, key):
 
 def test_ratio_is_one_on_policy_and_step_compiles_once():
     sampler = sampling.SamplerConfig(num_steps=6, eta=0.7, group_size=G)
-    cfg = grpo.GRPOConfig(clip_range=1e-4, timestep_fraction=0.6, grad_accum=2, timestep_chunk=3)
+    cfg = grpo.GRPOConfig(clip_range=1e-4, timestep_fraction=0.6, micro_batches=2, timestep_chunk=3)
     state, _ = make_toy(sampler, cfg, 1e-3)
     counted = chex.assert_max_traces(grpo.make_train_step(toy_velocity, sampler, cfg, grpo.make_optimizer(1e-3), jit=False), n=1)
     step = jax.jit(counted)
@@ -102,7 +102,7 @@ def test_accumulation_and_chunking_do_not_change_the_gradient():
     moved = {"a": jnp.array(0.12), "b": jnp.array([0.25, -0.1])}
     grads = []
     for accum, chunk in [(1, 1), (4, 2), (2, 4)]:
-        cfg = grpo.GRPOConfig(clip_range=0.05, timestep_fraction=1.0, grad_accum=accum, timestep_chunk=chunk)
+        cfg = grpo.GRPOConfig(clip_range=0.05, timestep_fraction=1.0, micro_batches=accum, timestep_chunk=chunk)
         sgd = optax.sgd(1.0)
         step = grpo.make_train_step(toy_velocity, sampler, cfg, sgd)
         start = jax.tree.map(jnp.copy, moved)  # donated by the step
@@ -155,3 +155,45 @@ def test_tiny_policy_learns_with_win_rate_rewards():
     # Reward starts near -|0 - 1.5| and must move clearly towards 0.
     assert start < -1.2, start
     assert end > start + 0.8, (start, end)
+
+
+def test_guard_ratio_and_kl_forms_match_numpy():
+    rng = np.random.default_rng(0)
+    n = 3
+    logp_new, logp_old = rng.normal(size=n), rng.normal(size=n)
+    mu_new, mu_old = rng.normal(size=(n, 4, 2)), rng.normal(size=(n, 4, 2))
+    s = np.array([0.3, 0.1, 0.05])
+    dt = np.array([-0.2, -0.05, -0.01])
+    bias = ((mu_new - mu_old) ** 2).mean(axis=(1, 2)) / (2 * s**2)
+    want = np.exp((logp_new - logp_old + bias) * s)
+    got = grpo.guard_ratio(*(jnp.asarray(a, jnp.float32) for a in (logp_new, logp_old, mu_new, mu_old, s)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    sq = ((mu_new - mu_old) ** 2).mean(axis=(1, 2))
+    pref = grpo.transition_kl(*(jnp.asarray(a, jnp.float32) for a in (mu_new, mu_old, s, dt)), "prefgrpo")
+    flow = grpo.transition_kl(*(jnp.asarray(a, jnp.float32) for a in (mu_new, mu_old, s, dt)), "flowgrpo")
+    np.testing.assert_allclose(pref, sq / (2 * s**2), rtol=1e-5)
+    # Flow-GRPO divides by 2 std_t^2 with std_t = s / sqrt(|dt|): |dt| times smaller.
+    np.testing.assert_allclose(flow, sq / (2 * (s / np.sqrt(-dt)) ** 2), rtol=1e-5)
+    with pytest.raises(ValueError, match="kl_form"):
+        grpo.transition_kl(jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1), -jnp.ones(1), "sd3")
+
+
+def test_sde_window_trains_only_window_steps():
+    sampler = sampling.SamplerConfig(num_steps=6, eta=0.7, group_size=G, sde_window=2)
+    cfg = grpo.GRPOConfig(clip_range=0.2, timestep_fraction=1.0, sde_window=2)
+    assert cfg.num_train_timesteps(6) == 2
+    params = {"a": jnp.array(0.1), "b": jnp.array([0.2, -0.1])}
+    cond = toy_batch_cond()
+    traj = sampling.sample_trajectory(toy_velocity, sampler, params, jax.random.key(0), cond, (L, C), window_start=3)
+    batch = grpo.with_timesteps(grpo.rollout_batch(traj, jnp.linspace(-1, 1, N_PROMPTS * G), cond),
+                                jax.random.key(1), num_steps=6, k=2, window=2, window_start=3)
+    idx = np.asarray(batch["timesteps"])
+    assert set(np.unique(idx)) == {3, 4} and all(len(set(r)) == 2 for r in idx)
+    opt = grpo.make_optimizer(1e-3)
+    step = grpo.make_train_step(toy_velocity, sampler, cfg, opt)
+    _, m = step(grpo.init_train_state(params, opt), batch, None)
+    # On-policy on stochastic steps: ratio 1. (An ODE step, log-prob 0, would give exp(logp_new) != 1.)
+    assert abs(float(m["ratio_min"]) - 1) < 1e-5 and abs(float(m["ratio_max"]) - 1) < 1e-5
+    with pytest.raises(ValueError, match="sde_window"):
+        step(grpo.init_train_state({"a": jnp.array(0.1), "b": jnp.array([0.2, -0.1])}, opt),
+             {k: v for k, v in batch.items() if k != "timesteps"}, jax.random.key(2))

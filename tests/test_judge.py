@@ -20,7 +20,7 @@ from prefgrpo_jax.rewards.judge import (
     JudgeStats,
     JudgeUnavailableError,
     VLMJudge,
-    encode_png_data_url,
+    encode_image_data_url,
     parse_preference,
     parse_testpoints,
 )
@@ -37,9 +37,9 @@ def decode_images(body: dict) -> list[np.ndarray]:
     for part in body["messages"][0]["content"]:
         if part["type"] == "image_url":
             url = part["image_url"]["url"]
-            assert url.startswith("data:image/png;base64,")
-            png = base64.b64decode(url.split(",", 1)[1])
-            out.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            assert url.startswith(("data:image/jpeg;base64,", "data:image/png;base64,"))
+            raw = base64.b64decode(url.split(",", 1)[1])
+            out.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
     return out
 
 
@@ -197,16 +197,46 @@ def test_parse_preference(text, want):
 
 def test_png_roundtrip():
     img = np.random.default_rng(1).uniform(size=(5, 7, 3)).astype(np.float32)
-    url = encode_png_data_url(img)
+    url = encode_image_data_url(img, "png")
+    assert url.startswith("data:image/png;base64,")
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
     np.testing.assert_array_equal(got, np.rint(img * 255).astype(np.uint8))
+
+
+def test_jpeg_q95_is_the_default_encoding(server, tmp_path):
+    # A smooth image: JPEG q95 is close to it, and the bytes are a JPEG.
+    y, x = np.mgrid[0:32, 0:32] / 31.0
+    img = np.stack([x, y, 0.5 * (x + y)], axis=-1).astype(np.float32)
+    url = encode_image_data_url(img)
+    assert url.startswith("data:image/jpeg;base64,")
+    raw = base64.b64decode(url.split(",", 1)[1])
+    assert raw[:2] == b"\xff\xd8"
+    got = np.asarray(Image.open(io.BytesIO(raw)), np.float32) / 255.0
+    assert np.abs(got - img).mean() < 0.01
+    with pytest.raises(ValueError, match="image_format"):
+        encode_image_data_url(img, "webp")
+    judge = VLMJudge(server.url, MODEL)
+    assert judge.max_tokens == 4096 and judge.image_format == "jpeg" and judge.jpeg_quality == 95
+
+
+def test_prompt_template_file(server, tmp_path):
+    path = tmp_path / "template.txt"
+    path.write_text("Compare the images for: {prompt}\nAnswer in <answer></answer>.", encoding="utf-8")
+    judge = VLMJudge(server.url, MODEL, prompt_template_file=str(path))
+    assert judge.prompt_template == path.read_text(encoding="utf-8")
+    path.write_text("no placeholder", encoding="utf-8")
+    with pytest.raises(ValueError, match="prompt_template_file"):
+        VLMJudge(server.url, MODEL, prompt_template_file=str(path))
+    with pytest.raises(ValueError, match="cannot be read"):
+        VLMJudge(server.url, MODEL, prompt_template_file=str(tmp_path / "missing.txt"))
 
 
 # ----------------------------------------------------------- happy path
 def test_brightness_judge_matrix_and_request_format(server):
     imgs, levels = graded_images(n=2, g=4)
     prompts = ["a {braced} cat", "a dog"]
-    judge = make_judge(server, max_tokens=77, temperature=0.25)
+    # PNG (lossless): the pairs are identified below by their exact pixels.
+    judge = make_judge(server, max_tokens=77, temperature=0.25, image_format="png")
     P = judge.preference_matrix(prompts, imgs)
     assert P.dtype == np.float32 and P.shape == (2, 4, 4)
     np.testing.assert_array_equal(P, expected_matrix(levels))

@@ -183,3 +183,67 @@ def test_ode_mode_and_cfg():
     np.testing.assert_allclose(np.asarray(v), np.asarray(vu + 4.0 * (vc - vu)), atol=1e-6)
     with pytest.raises(ValueError, match="uncond"):
         sampling.sample_trajectory(toy_velocity, sampling.SamplerConfig(num_steps=2, group_size=3, cfg_scale=2.0), params, jax.random.key(0), cond, shape)
+
+
+def test_reward_sees_the_last_x0_prediction_and_means_are_stored():
+    params, cond, shape = toy_setup()
+    cfg = sampling.SamplerConfig(num_steps=5, eta=0.7, group_size=3, return_means=True)
+    traj = sampling.sample_trajectory(toy_velocity, cfg, params, jax.random.key(4), cond, shape)
+    S, sig = cfg.num_steps, traj.sigmas
+    x_last = traj.latents[:, S - 1]
+    v = toy_velocity(params, x_last, jnp.full((6,), sig[S - 1]), cond)
+    want = np.asarray(x_last) - float(sig[S - 1]) * np.asarray(v)  # x_{S-1} - sigma_{S-1} v
+    np.testing.assert_allclose(np.asarray(sampling.reward_latents(traj, "x0_pred")), want, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sampling.reward_latents(traj, "sample")), np.asarray(traj.latents[:, -1]))
+    # The final SDE sample still carries the last step's noise; the x0-prediction does not.
+    assert not np.allclose(want, np.asarray(traj.latents[:, -1]), atol=1e-3)
+    with pytest.raises(ValueError, match="x0_pred"):
+        sampling.reward_latents(traj, "final")
+    # Stored means: each is the transition mean at its step, from the NumPy formula.
+    chex.assert_shape(traj.means, (6, S, *shape))
+    for i in (0, S - 1):
+        x = traj.latents[:, i]
+        vi = toy_velocity(params, x, jnp.full((6,), sig[i]), cond)
+        mean, _ = numpy_step_mean_std(np.asarray(x), np.asarray(vi), float(sig[i]), float(sig[i + 1]), 0.7, "flow", float(sig[1]))
+        np.testing.assert_allclose(np.asarray(traj.means[:, i]), mean, atol=1e-5)
+    assert sampling.sample_trajectory(toy_velocity, sampling.SamplerConfig(num_steps=5, group_size=3),
+                                      params, jax.random.key(4), cond, shape).means is None
+
+
+def test_cps_step_matches_numpy():
+    rng = np.random.default_rng(7)
+    x, v, nxt = (rng.normal(size=(2, 4, 3)).astype(np.float32) for _ in range(3))
+    sigma, sigma_next, eta = 0.6, 0.45, 0.7
+    _, lp, mean, std = sampling.sde_step(jnp.asarray(x), jnp.asarray(v), sigma, sigma_next, eta=eta, mode="cps",
+                                         next_sample=jnp.asarray(nxt))
+    # Wang & Yu's coefficients-preserving step, as Flow-GRPO reads it.
+    s_t = sigma_next * np.sin(eta * np.pi / 2)
+    x0, x1 = x - sigma * v, x + (1 - sigma) * v
+    want_mean = x0 * (1 - sigma_next) + x1 * np.sqrt(sigma_next**2 - s_t**2)
+    np.testing.assert_allclose(np.asarray(mean), want_mean, atol=1e-6)
+    np.testing.assert_allclose(float(std), s_t, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(lp), -((nxt - want_mean) ** 2).mean(axis=(1, 2)), rtol=1e-5)
+    # At the last step (sigma' = 0) the step is deterministic: the x0-prediction.
+    nxt0, _, mean0, std0 = sampling.sde_step(jnp.asarray(x), jnp.asarray(v), 0.2, 0.0, eta=eta, mode="cps",
+                                            key=jax.random.key(0))
+    assert float(std0) == 0.0
+    np.testing.assert_allclose(np.asarray(nxt0), x - 0.2 * v, atol=1e-6)
+
+
+def test_sde_window_is_stochastic_only_inside_the_window():
+    params, cond, shape = toy_setup()
+    cfg = sampling.SamplerConfig(num_steps=6, eta=0.7, group_size=3, sde_window=2, return_means=True)
+    traj = sampling.sample_trajectory(toy_velocity, cfg, params, jax.random.key(3), cond, shape, window_start=2)
+    sig = traj.sigmas
+    for i in range(6):
+        x = traj.latents[:, i]
+        v = toy_velocity(params, x, jnp.full((6,), sig[i]), cond)
+        if i in (2, 3):  # inside: an SDE transition, log-prob from the NumPy Gaussian
+            mean, std = numpy_step_mean_std(np.asarray(x), np.asarray(v), float(sig[i]), float(sig[i + 1]), 0.7, "flow", float(sig[1]))
+            nxt = np.asarray(traj.latents[:, i + 1], np.float64)
+            want = norm.logpdf(nxt, mean, std).mean(axis=(1, 2))
+            np.testing.assert_allclose(np.asarray(traj.log_probs[:, i]), want, rtol=1e-4)
+            assert not np.allclose(nxt, np.asarray(x + (sig[i + 1] - sig[i]) * v), atol=1e-3)
+        else:  # outside: the Euler ODE step, log-prob 0
+            np.testing.assert_allclose(np.asarray(traj.latents[:, i + 1]), np.asarray(x + (sig[i + 1] - sig[i]) * v), atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(traj.log_probs[:, i]), 0.0)

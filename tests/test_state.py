@@ -150,3 +150,28 @@ def test_sample_restores_params_only(trained_workdir, monkeypatch):
     for got, w in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
         assert got.dtype == jnp.dtype(config.model.dtype)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+
+
+def test_flux_config_lays_out_on_8_to_64_devices_and_bad_layouts_name_a_fix():
+    from prefgrpo_jax import config as config_lib
+
+    spec = importlib.util.spec_from_file_location("flux_cfg", REPO / "configs" / "flux.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.plan.preset = "flux1-dev"
+    for n in (8, 16, 32, 64):
+        resolved = config_lib.resolve_batch(c, n)
+        config_lib.validate(resolved, mode="plan", num_devices=n)
+        # The reference's per-rank batch: one prompt x 8 images per device, two
+        # updates of 4 samples, each trained one sample per device at a time.
+        assert resolved.train.prompts_per_step == n
+        assert resolved.train.micro_batches == 4
+    c.train.prompts_per_device = 0
+    c.train.prompts_per_step = 3
+    with pytest.raises(config_lib.ConfigError, match=r"prompts_per_step=3: .* use a multiple of 2"):
+        config_lib.validate(config_lib.resolve_batch(c, 8), mode="plan", num_devices=8)
+    c.train.prompts_per_step = 8
+    c.train.micro_batches = 3
+    with pytest.raises(config_lib.ConfigError, match=r"micro_batches=3: .*valid here: \[1, 2, 4\]"):
+        config_lib.validate(config_lib.resolve_batch(c, 8), mode="plan", num_devices=8)

@@ -54,7 +54,7 @@ def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
         ("train.clip_range", 0.0, "config.train.clip_range=0.0: must be > 0"),
         ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5: must be in (0, 1]"),
         ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0: must be in (0, 1]"),
-        ("train.step_mode", "ddim", "config.train.step_mode='ddim': must be one of ('flow', 'dance')"),
+        ("train.step_mode", "ddim", "config.train.step_mode='ddim': must be one of ('flow', 'dance', 'cps')"),
         ("train.num_steps", 1, "config.train.num_steps=1: must be an integer >= 2"),
         ("train.height", 30, "config.train.height=30: must be a positive multiple of 16"),
         ("train.timestep_chunk", 4, "config.train.timestep_chunk=4: must divide the 5 trained timesteps"),
@@ -66,6 +66,15 @@ def test_config(tiny_flux_dir, clip_dir, tmp_path_factory):
         ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0: must be > 0"),
         ("mesh.fsdp", 0, "config.mesh.fsdp=0: must be a positive integer or -1"),
         ("reward.monitor", "clip", "config.reward.monitor='clip': must be empty or one of the sources"),
+        ("train.updates_per_rollout", 3, "config.train.updates_per_rollout=3: must be an integer >= 1 dividing train.group_size=8"),
+        ("train.reward_image", "final", "config.train.reward_image='final': must be one of ('x0_pred', 'sample')"),
+        ("train.adv_norm", "global", "config.train.adv_norm='global': must be one of ('group', 'group_global_std', 'batch')"),
+        ("train.kl_form", "sd3", "config.train.kl_form='sd3': must be one of ('prefgrpo', 'flowgrpo')"),
+        ("train.cfg_scale", 0.5, "config.train.cfg_scale=0.5: must be >= 1.0"),
+        ("optim.schedule", "linear", "config.optim.schedule='linear': must be one of ('constant', 'cosine')"),
+        ("ema.decay", 1.0, "config.ema.decay=1.0: must be in [0, 1)"),
+        ("ema.use", True, "config.ema.use=True: True needs ema.decay > 0"),
+        ("train.sde_window", 10, "config.train.sde_window=10: must be 0 (every step stochastic) or the size of the SDE window, at most num_steps - 1 = 9"),
     ],
 )
 def test_validation_error_names_field_value_and_fix(tiny_config, field, value, message):
@@ -75,6 +84,13 @@ def test_validation_error_names_field_value_and_fix(tiny_config, field, value, m
     with pytest.raises(config_lib.ConfigError) as err:
         config_lib.validate(c, num_devices=1)
     assert message in str(err.value)
+
+
+def test_grad_accum_names_its_replacements(tiny_config):
+    c = tiny_config()
+    c.train.grad_accum = 4
+    with pytest.raises(config_lib.ConfigError, match="grad_accum was renamed: set config.train.micro_batches"):
+        config_lib.validate(c, num_devices=1)
 
 
 def test_unknown_reward_and_batch_divisibility(tiny_config):
@@ -90,7 +106,7 @@ def test_unknown_reward_and_batch_divisibility(tiny_config):
     c.train.prompts_per_step = 3
     c.train.group_size = 2
     c.mesh.fsdp = -1
-    with pytest.raises(config_lib.ConfigError, match="prompts_per_step x group_size = 6 must be divisible by the data-parallel size 4"):
+    with pytest.raises(config_lib.ConfigError, match="prompts_per_step x group_size / updates_per_rollout = 3 samples per update must be divisible by the data-parallel size 4"):
         config_lib.validate(c, num_devices=4)
     c = tiny_config()
     c.mesh.data = 3
@@ -196,6 +212,8 @@ def test_eight_simulated_devices_match_one(test_config, tmp_path):
     one = tmp_path / "one"
     eight = tmp_path / "eight"
     overrides = ("--config.total_steps=2", "--config.image_every=0")
+    # 4 prompts x 4 images: each of the 2 updates per rollout has 8 samples, one per device.
+    overrides += ("--config.train.prompts_per_step=4",)
     run_main(test_config, one, *overrides, devices=1)
     proc = run_main(test_config, eight, *overrides, "--config.mesh.data=2", "--config.mesh.fsdp=4",
                     "--config.sharding.fsdp_min_size=64", devices=8)

@@ -1,17 +1,23 @@
 """Rewards: win rates and group advantages, pairwise/pointwise reward sources."""
 
 from prefgrpo_jax.rewards.advantages import (
+    ADV_NORMS,
     clip_advantages,
     combine_advantages,
+    gdpo_normalize,
     group_advantages,
+    normalized_advantages,
     preferences_from_scores,
     win_rates,
 )
 
 __all__ = [
+    "ADV_NORMS",
     "clip_advantages",
     "combine_advantages",
+    "gdpo_normalize",
     "group_advantages",
+    "normalized_advantages",
     "preferences_from_scores",
     "win_rates",
 ]

@@ -55,6 +55,47 @@ def group_advantages(r: chex.Array, *, ddof: int = 1, eps: float = 1e-8) -> chex
     return (r - mean) / (std + eps)
 
 
+ADV_NORMS = ("group", "group_global_std", "batch")
+
+
+def normalized_advantages(
+    r: chex.Array, mode: str = "group", *, ddof: int = 1, eps: float = 1e-8
+) -> chex.Array:
+    """Rewards ``[N, G]`` -> advantages ``[N, G]`` (fp32), by ``mode``:
+
+    * ``group``: ``(r - mean_G) / (std_G + eps)`` (Pref-GRPO ``--use_group``);
+    * ``group_global_std``: ``(r - mean_G) / (std over all N G + eps)``, the
+      per-prompt mean with a batch-wide std (Flow-GRPO's ``global_std``): a
+      group whose images all score alike gets small advantages instead of
+      amplified noise;
+    * ``batch``: ``(r - mean) / (std + eps)`` over all N G images (Pref-GRPO
+      without ``--use_group``).
+
+    ``r`` must hold the global batch: the std and mean are over what is given.
+    """
+    chex.assert_rank(r, 2)
+    if mode == "group":
+        return group_advantages(r, ddof=ddof, eps=eps)
+    r = r.astype(jnp.float32)
+    if r.size <= ddof:
+        raise ValueError(f"{r.size} rewards too few for ddof={ddof}")
+    std = jnp.std(r, ddof=ddof)
+    if mode == "group_global_std":
+        return (r - jnp.mean(r, axis=1, keepdims=True)) / (std + eps)
+    if mode == "batch":
+        return (r - jnp.mean(r)) / (std + eps)
+    raise ValueError(f"unknown advantage normalisation {mode!r}; expected one of {ADV_NORMS}")
+
+
+def gdpo_normalize(adv: chex.Array, eps: float = 1e-8) -> chex.Array:
+    """GDPO (Pref-GRPO HEAD ``compute_weighted_advantages(apply_gdpo=True)``):
+    the weighted sum of per-source advantages renormalised over the whole
+    batch, ``(a - mean) / (unbiased std + eps)``, so the mix has unit scale
+    whatever the weights and the correlation of the sources."""
+    adv = adv.astype(jnp.float32)
+    return (adv - jnp.mean(adv)) / (jnp.std(adv, ddof=1) + eps)
+
+
 def clip_advantages(adv: chex.Array, max_abs: float | None) -> chex.Array:
     """Clips advantages to ``[-max_abs, max_abs]`` (no-op for None)."""
     if max_abs is None:

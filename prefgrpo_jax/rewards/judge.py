@@ -55,8 +55,7 @@ __all__ = [
     "JudgeStats",
     "JudgeUnavailableError",
     "VLMJudge",
-    "encode_jpeg_data_url",
-    "encode_png_data_url",
+    "encode_image_data_url",
     "image_to_uint8",
     "parse_preference",
     "parse_testpoints",
@@ -190,22 +189,24 @@ def image_to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def encode_png_data_url(image: np.ndarray) -> str:
-    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/png;base64,...``."""
-    buf = io.BytesIO()
-    Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+IMAGE_FORMATS = ("jpeg", "png")
 
 
-def encode_jpeg_data_url(image: np.ndarray, quality: int = 95) -> str:
-    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/jpeg;base64,...``.
+def encode_image_data_url(image: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> str:
+    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/<format>;base64,...``.
 
-    UniGenBench's official client sends its PNG files re-encoded as JPEG q95;
-    encoding the same uint8 pixels here gives the judge the same bytes.
+    JPEG at quality 95 is what the reference sends its judge (the images the
+    judge was trained and evaluated on were JPEGs), and what UniGenBench's
+    official client sends its PNG files re-encoded as; PNG is lossless.
     """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     buf = io.BytesIO()
-    Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="JPEG", quality=int(quality))
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    if image_format == "jpeg":
+        Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="JPEG", quality=int(quality))
+    else:
+        Image.fromarray(image_to_uint8(image), mode="RGB").save(buf, format="PNG")
+    return f"data:image/{image_format};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class _Failure(Exception):
@@ -232,9 +233,14 @@ class VLMJudge:
       backoff_s: sleep before retry k (k = 0, 1, ...) is ``backoff_s * 2**k``
         (or a server's Retry-After, at most 30 s, if larger).
       debias: also judge every pair with the images swapped and average.
-      max_tokens, temperature: sampling settings sent with each request.
+      max_tokens, temperature: sampling settings sent with each request
+        (4096: the reference's; the judge's reasoning runs long).
       prompt_template: overrides :data:`DEFAULT_PAIRWISE_PROMPT`; must contain
         ``{prompt}``.
+      prompt_template_file: a UTF-8 text file holding the pairwise template
+        (e.g. the official UnifiedReward-Think one, which the model was trained
+        on; this project does not ship it); overrides ``prompt_template``.
+      image_format, jpeg_quality: how images are sent (``encode_image_data_url``).
       testpoint_template: overrides :data:`DEFAULT_TESTPOINT_PROMPT`; must
         contain ``{prompt}`` and ``{testpoints}``.
     """
@@ -250,10 +256,13 @@ class VLMJudge:
         retries: int = 3,
         backoff_s: float = 1.0,
         debias: bool = False,
-        max_tokens: int = 2048,
+        max_tokens: int = 4096,
         temperature: float = 0.0,
         prompt_template: str = DEFAULT_PAIRWISE_PROMPT,
         testpoint_template: str = DEFAULT_TESTPOINT_PROMPT,
+        prompt_template_file: Optional[str] = None,
+        image_format: str = "jpeg",
+        jpeg_quality: int = 95,
     ):
         if not isinstance(base_url, str) or not base_url.strip():
             raise ValueError("base_url must be a non-empty string such as 'http://127.0.0.1:8080'")
@@ -273,8 +282,17 @@ class VLMJudge:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prompt_template_file:
+            try:
+                prompt_template = open(prompt_template_file, encoding="utf-8").read()
+            except OSError as err:
+                raise ValueError(f"prompt_template_file={prompt_template_file!r} cannot be read: {err}") from err
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        if not 1 <= int(jpeg_quality) <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
         if not isinstance(prompt_template, str) or _PROMPT_FIELD not in prompt_template:
-            raise ValueError("prompt_template must be a string containing '{prompt}'")
+            raise ValueError("prompt_template (or the text of prompt_template_file) must contain '{prompt}'")
         if not isinstance(testpoint_template, str) or _PROMPT_FIELD not in testpoint_template \
                 or _TESTPOINTS_FIELD not in testpoint_template:
             raise ValueError("testpoint_template must be a string containing '{prompt}' and '{testpoints}'")
@@ -292,6 +310,8 @@ class VLMJudge:
         self.temperature = float(temperature)
         self.prompt_template = prompt_template
         self.testpoint_template = testpoint_template
+        self.image_format = image_format
+        self.jpeg_quality = int(jpeg_quality)
 
         self._api_key: Optional[str] = None
         if api_key_env is not None:
@@ -313,6 +333,9 @@ class VLMJudge:
         self._closed = False
 
     # ------------------------------------------------------------------ misc
+    def _encode(self, image: np.ndarray) -> str:
+        return encode_image_data_url(image, self.image_format, self.jpeg_quality)
+
     def __repr__(self) -> str:
         return (
             f"VLMJudge(base_url={self.base_url!r}, model={self.model!r}, "
@@ -548,7 +571,7 @@ class VLMJudge:
         pool = self._pool()
 
         flat = arr.reshape((n * g,) + arr.shape[2:])
-        urls = list(pool.map(encode_png_data_url, flat))
+        urls = list(pool.map(self._encode, flat))
 
         jobs = []  # (n, i, j, swapped)
         for b in range(n):
@@ -612,7 +635,7 @@ class VLMJudge:
             raise ValueError("testpoints must hold one non-empty list of question strings per prompt")
         t0 = time.perf_counter()
         pool = self._pool()
-        urls = list(pool.map(encode_png_data_url, arr))
+        urls = list(pool.map(self._encode, arr))
 
         def run(n: int) -> tuple[np.ndarray, Optional[str]]:
             listing = "\n".join(f"{k + 1}. {q.strip()}" for k, q in enumerate(testpoints[n]))

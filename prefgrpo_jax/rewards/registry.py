@@ -16,10 +16,12 @@ one passed in); a factory takes the keyword options of that source (from
 * scores ``[N, G]`` (kind ``"pointwise"``: ``clip``, ``pointwise_model``, or any
   callable such as a toy-world verifier ``fn(prompts, images) -> [N, G]``).
 
-Every source's reward is group-normalised on its own (``ddof`` from the
-config), the advantages are summed with their weights, and the sum is clipped
-to ``[-adv_clip_max, adv_clip_max]``. Training programs and the toy world add
-their own sources with :func:`register_reward` (or by passing ``factories=``).
+Every source's reward is normalised on its own (``adv_norm``: within its
+group, by default; ``ddof`` from the config), the advantages are summed with
+their weights, optionally renormalised over the batch (``gdpo``), and the sum
+is clipped to ``[-adv_clip_max, adv_clip_max]``. Training programs and the toy
+world add their own sources with :func:`register_reward` (or by passing
+``factories=``).
 
 Diagnostics per source ``k`` (floats): ``k/reward_mean``, ``k/reward_std``
 (over all images), ``k/group_std`` (mean within-group std: the denominator
@@ -46,7 +48,8 @@ import numpy as np
 from prefgrpo_jax.rewards.advantages import (
     clip_advantages,
     combine_advantages,
-    group_advantages,
+    gdpo_normalize,
+    normalized_advantages,
     win_rates,
 )
 
@@ -132,16 +135,22 @@ def advantages_from_outputs(
     ddof: int = 1,
     adv_clip_max: float | None = None,
     eps: float = 1e-8,
+    adv_norm: str = "group",
+    gdpo: bool = False,
 ) -> RewardOutput:
     """Turns each source's P or scores into advantages and mixes them (jit-able).
 
     Args:
-      outputs: source name -> ``P [N, G, G]`` (pairwise) or ``[N, G]`` (pointwise).
+      outputs: source name -> ``P [N, G, G]`` (pairwise) or ``[N, G]`` (pointwise),
+        for the global batch (batch-wide statistics are over all N groups).
       kinds: source name -> ``"pairwise"`` / ``"pointwise"``.
       weights: source name -> weight (same names as ``outputs``).
       ddof: of the group std (1: the reference / PyTorch; 0: population std).
       adv_clip_max: clip of the mixed advantage, None for no clipping.
       eps: added to the group std.
+      adv_norm: per-source normalisation, see ``normalized_advantages``.
+      gdpo: renormalise the weighted sum over the batch before the clip
+        (``gdpo_normalize``).
     """
     if set(outputs) != set(weights) or set(outputs) != set(kinds):
         raise ValueError(f"outputs {sorted(outputs)}, kinds {sorted(kinds)} and weights "
@@ -165,7 +174,7 @@ def advantages_from_outputs(
             r = out
         else:
             raise ValueError(f"source {name!r}: unknown kind {kinds[name]!r}")
-        a = group_advantages(r, ddof=ddof, eps=eps)
+        a = normalized_advantages(r, adv_norm, ddof=ddof, eps=eps)
         rewards[name], advs[name] = r, a
         diag[f"{name}/reward_mean"] = jnp.mean(r)
         diag[f"{name}/reward_std"] = jnp.std(r)
@@ -176,6 +185,8 @@ def advantages_from_outputs(
     if len(set(shapes.values())) > 1:
         raise ValueError(f"reward sources disagree on [N, G]: {shapes}")
     mixed = combine_advantages(advs, {k: float(weights[k]) for k in advs})
+    if gdpo:
+        mixed = gdpo_normalize(mixed, eps)
     if adv_clip_max is not None:
         diag["advantage/clip_frac"] = jnp.mean(jnp.abs(mixed) > adv_clip_max)
     else:
@@ -201,6 +212,8 @@ class RewardMix:
     ddof: int = 1
     adv_clip_max: float | None = 5.0
     eps: float = 1e-8
+    adv_norm: str = "group"
+    gdpo: bool = False
 
     def __call__(self, prompts: Sequence[str], images) -> RewardOutput:
         if isinstance(prompts, str):
@@ -225,7 +238,8 @@ class RewardMix:
         stay fp32 scalars)."""
         return advantages_from_outputs(
             outputs, {k: s.kind for k, s in self.sources.items()}, self.weights,
-            ddof=self.ddof, adv_clip_max=self.adv_clip_max, eps=self.eps)
+            ddof=self.ddof, adv_clip_max=self.adv_clip_max, eps=self.eps,
+            adv_norm=self.adv_norm, gdpo=self.gdpo)
 
 
 # --------------------------------------------------------------------------- #
@@ -362,6 +376,8 @@ def build_reward_mix(
     ddof: int = 1,
     adv_clip_max: float | None = 5.0,
     eps: float = 1e-8,
+    adv_norm: str = "group",
+    gdpo: bool = False,
     factories: Mapping[str, Callable[..., RewardSource]] | None = None,
 ) -> RewardMix:
     """Builds the weighted reward sources named by ``reward_spec``.
@@ -370,7 +386,7 @@ def build_reward_mix(
       reward_spec: source name -> weight (finite, >= 0, at least one > 0; a
         weight of 0 computes the source for its diagnostics only).
       options: source name -> keyword options of its factory.
-      ddof, adv_clip_max, eps: see :func:`advantages_from_outputs`.
+      ddof, adv_clip_max, eps, adv_norm, gdpo: see :func:`advantages_from_outputs`.
       factories: name -> factory; default the global :data:`REWARD_FACTORIES`.
 
     Raises:
@@ -405,4 +421,5 @@ def build_reward_mix(
             raise TypeError(f"factory of reward {k!r} returned {type(src).__name__}, "
                             "not a RewardSource")
         sources[k] = src
-    return RewardMix(sources, weights, ddof=ddof, adv_clip_max=adv_clip_max, eps=eps)
+    return RewardMix(sources, weights, ddof=ddof, adv_clip_max=adv_clip_max, eps=eps,
+                     adv_norm=adv_norm, gdpo=gdpo)
