@@ -43,9 +43,6 @@ def make_ema_update(decay: float, every: int) -> Callable[[dict], dict]:
     return after_update
 
 
-
-
-
 def enabled(config: Any) -> bool:
     """Whether the run keeps an EMA (``config.ema.decay > 0``)."""
     return float(config.get("ema", {}).get("decay", 0.0)) > 0.0
@@ -59,4 +56,6 @@ def served_params(state: dict, config: Any) -> Any:
         raise ValueError("config.ema.use=True but this run keeps no EMA: set config.ema.decay > 0 "
                          "(e.g. 0.99) when training, or config.ema.use=False")
     return state["ema"]
+
+
 __all__ = ["ema_step", "enabled", "make_ema_update", "served_params"]
