@@ -124,7 +124,7 @@ def test_vlm_judge_eval_config_is_validated(tiny_flux_dir, tmp_path):
 
 def test_periodic_eval_scores_a_fixed_spread_subset(tiny_flux_dir, tmp_path):
     """eval.every's scorer: evenly spaced prompts covering every dimension, the same numbers twice."""
-    from prefgrpo_jax.sample import load_trained_pipeline
+    from prefgrpo_jax.state import load_trained_pipeline
 
     c = load_tiny_config()
     assert c.eval.every > 0 and c.total_steps % c.eval.every == 0  # the tiny run logs evals

@@ -135,12 +135,12 @@ def test_official_recipes(name, tiny_flux_dir):
 def test_ema_is_checkpointed_and_served_when_asked(tiny_flux_dir, tmp_path):
     from flax import nnx
 
-    from prefgrpo_jax import checkpoint, sample
+    from prefgrpo_jax import checkpoint, state as state_lib
 
     c = load_config("tiny")
     c.model.path = str(tiny_flux_dir)
     c.ema.decay = 0.9
-    pipe = train.load_pipeline(c)
+    pipe = state_lib.load_pipeline(c)
     _, params = nnx.split(pipe.transformer)
     params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     state = grpo.init_train_state(params, train.build_optimizer(c), ema=True)
@@ -152,7 +152,7 @@ def test_ema_is_checkpointed_and_served_when_asked(tiny_flux_dir, tmp_path):
     ckpt.close()
     for use, want in ((True, want_ema), (False, want_params)):
         c.ema.use = use
-        loaded, step = sample.load_trained_pipeline(c, tmp_path)
+        loaded, step = state_lib.load_trained_pipeline(c, tmp_path)
         assert step == 1
         got = jax.tree.map(np.asarray, nnx.split(loaded.transformer)[1])
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)

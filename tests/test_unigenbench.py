@@ -323,7 +323,7 @@ def test_periodic_eval_on_unigenbench_logs_primary_dimensions(tiny_flux_dir, ser
     c.eval.every_prompts, c.eval.num_steps, c.eval.batch_size = 3, 2, 3
     periodic = evaluate.PeriodicEval(c)
     assert periodic.index == [0, 2, 5]
-    from prefgrpo_jax.sample import load_trained_pipeline
+    from prefgrpo_jax.state import load_trained_pipeline
 
     metrics = periodic(load_trained_pipeline(c, tmp_path)[0])  # no checkpoint: base weights
     with (UGB / "data" / "test_prompts_en.csv").open(newline="", encoding="utf-8") as f:
