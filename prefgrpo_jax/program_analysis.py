@@ -102,18 +102,27 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def _instruction(line: str) -> tuple[str, str, str | None] | None:
+    """``(op, result type, collective or None)`` of an HLO instruction line; None otherwise.
+
+    An async pair counts once, at its ``-start``.
+    """
+    m = _INSTRUCTION.match(line)
+    if not m:
+        return None
+    result_type, op = m.groups()
+    base = op.removesuffix("-start")
+    return op, result_type, base if base in COLLECTIVES and not op.endswith("-done") else None
+
+
 def collective_shapes(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
     """Every collective instruction of an HLO module as ``(op, result shapes)``, once each."""
     out = []
     for line in hlo_text.splitlines():
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        result_type, op = m.groups()
-        base = op.removesuffix("-start")
-        if base in COLLECTIVES and not op.endswith("-done"):
-            shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(result_type)]
-            out.append((base, shapes))
+        parsed = _instruction(line)
+        if parsed and parsed[2]:
+            shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(parsed[1])]
+            out.append((parsed[2], shapes))
     return out
 
 
@@ -155,13 +164,12 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         memo[name] = {}  # guards against (impossible) recursion
         acc: dict[str, float] = {}
         for line in computations.get(name, ()):
-            m = _INSTRUCTION.match(line)
-            if not m:
+            parsed = _instruction(line)
+            if parsed is None:
                 continue
-            result_type, op = m.groups()
-            base = op.removesuffix("-start")
-            if base in COLLECTIVES and not op.endswith("-done"):
-                acc[base] = acc.get(base, 0.0) + _shape_bytes(result_type)
+            op, result_type, collective = parsed
+            if collective:
+                acc[collective] = acc.get(collective, 0.0) + _shape_bytes(result_type)
             times = 1
             if op == "while":
                 trip = _TRIP.search(line)
