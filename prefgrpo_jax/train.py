@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
+from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding, workdir_lock
 from prefgrpo_jax.models import autoencoder
 from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
@@ -133,9 +133,10 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         self.config = config
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         config_lib.validate(config, mode="train", num_devices=jax.device_count())
+        self.workdir = workdir_lock.prepare_workdir(workdir)
+        # Before anything is loaded: a second run on this workdir stops here.
+        self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
         t = config.train
         if t.prompts_per_step % jax.process_count():
             raise config_lib.ConfigError(
@@ -352,6 +353,8 @@ class Trainer:
         finally:
             logger.close()
             self.checkpointer.close()
+            if self.lock is not None:
+                self.lock.release()
 
 
     def export_final(self) -> Path:
