@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """Every checkpoint of a workdir failed to restore."""
 
 
 class Checkpointer:
@@ -72,6 +78,48 @@ class Checkpointer:
             ),
         )
         return restored["state"], dict(restored["meta"])
+
+    def restore_newest_readable(
+        self, state_like: Any, *, set_aside: bool = False
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none.
+
+        A checkpoint that fails to read (a truncated data file, a missing
+        ``state/`` or manifest: a disk that filled or a copy cut short) is
+        skipped with a warning naming it and the error; older ones are tried in
+        turn. With ``set_aside`` (the training chief) the skipped ones move to
+        ``<directory>_unreadable/`` so the resumed run can save those steps
+        again. Raises CheckpointUnreadableError listing every failure if none reads.
+        """
+        failures, skipped = [], []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(state_like, step)
+            except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                failures.append(f"step {step} ({self.directory / str(step)}): {reason}")
+                skipped.append(step)
+                log.warning("checkpoint %d in %s is unreadable, trying an older one: %s",
+                            step, self.directory, reason)
+                continue
+            if failures:
+                log.warning("resuming from checkpoint %d; skipped unreadable %s", step, "; ".join(failures))
+            if skipped and set_aside:
+                aside = self.directory.with_name(self.directory.name + "_unreadable")
+                aside.mkdir(exist_ok=True)
+                for bad in skipped:
+                    shutil.move(self.directory / str(bad), aside / f"{bad}.{time.time_ns()}")
+                self._manager.reload()
+                log.warning("moved the unreadable checkpoint(s) %s to %s (delete them once diagnosed)",
+                            skipped, aside)
+            return step, state, meta
+        if failures:
+            raise CheckpointUnreadableError(
+                f"no checkpoint in {self.directory} could be read:\n  " + "\n  ".join(failures)
+                + "\nIf the config changed since they were written, restore it; otherwise move "
+                "the directory aside to start over"
+            )
+        return None
 
     def close(self) -> None:
         self._manager.close()

@@ -25,12 +25,11 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
     step = None
     if ckpt_dir.is_dir():
         checkpointer = checkpoint.Checkpointer(ckpt_dir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-        step = checkpointer.latest_step()
-        if step is not None:
+        if checkpointer.latest_step() is not None:
             graphdef, params = nnx.split(pipe.transformer)
             params = jax.tree.map(lambda a: a.astype(np.float32), params)
             like = grpo.init_train_state(params, build_optimizer(config))
-            state, _ = checkpointer.restore(like)
+            step, state, _ = checkpointer.restore_newest_readable(like)
             pipe.transformer = nnx.merge(graphdef, state["params"])
         checkpointer.close()
     return pipe, step

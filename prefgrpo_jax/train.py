@@ -284,10 +284,12 @@ class Trainer:
     # -- the loop -------------------------------------------------------------
 
     def restore(self) -> int:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        # Setting aside with several processes would desynchronise their views of
+        # the saved steps (and so their collective saves): there, skipping is enough.
+        found = self.checkpointer.restore_newest_readable(self.state, set_aside=jax.process_count() == 1)
+        if found is None:
             return 0
-        self.state, meta = self.checkpointer.restore(self.state)
+        latest, self.state, meta = found
         if meta.get("seed") != self.config.seed:
             raise config_lib.ConfigError(
                 f"config.seed={self.config.seed} but the checkpoint in {self.checkpointer.directory} "
