@@ -37,6 +37,48 @@ class WeightMismatchError(ValueError):
     """A checkpoint does not fit the model: lists every offending tensor."""
 
 
+class WeightFileError(ValueError):
+    """A weights file is unreadable (truncated, corrupt) or holds NaN/Inf values."""
+
+
+def check_finite(name: str, array: np.ndarray) -> str | None:
+    """None if ``array`` is finite (or not floating), else a line naming tensor and count.
+
+    A NaN/Inf weight makes every sample NaN and every update skipped, so a run
+    would end "successfully" exporting garbage; it is refused where it is read.
+    """
+    if array.dtype.kind in "biu":  # bool/int tensors cannot be non-finite (ml_dtypes floats are kind "V")
+        return None
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad == 0:
+        return None
+    return f"{name} {tuple(array.shape)}: {bad} non-finite value(s) of {array.size}"
+
+
+def load_checked(path: str | Path) -> dict[str, np.ndarray]:
+    """One ``.safetensors`` file, every floating tensor checked for NaN/Inf.
+
+    Raises:
+      WeightFileError naming the file: unreadable (e.g. truncated by a cut-off
+      download or a full disk) or holding non-finite tensors (each one named).
+    """
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own and OS errors
+        raise WeightFileError(
+            f"cannot read weights file {path}: {type(err).__name__}: {err}. The file is truncated "
+            "or corrupt (a cut-off download or a full disk?): download or save it again"
+        ) from None
+    bad = [line for name, array in tensors.items() if (line := check_finite(name, array))]
+    if bad:
+        raise WeightFileError(
+            f"weights file {path} holds non-finite tensors (training from them gives NaN samples "
+            "and skipped updates):\n  " + "\n  ".join(bad[:20])
+            + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        )
+    return tensors
+
+
 class SourceTensors:
     """Source tensors with bookkeeping of which were used and which were missing.
 
@@ -143,6 +185,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
     Raises:
       FileNotFoundError: naming what was expected where.
+      WeightFileError: a file is unreadable or holds NaN/Inf (naming file and tensors).
     """
     path = Path(path)
     if path.is_dir():
@@ -151,10 +194,10 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             return _read_sharded(indexes[0])
         for name in _SINGLE_FILE_NAMES:
             if (path / name).is_file():
-                return load_file(str(path / name))
+                return load_checked(path / name)
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
-            return load_file(str(files[0]))
+            return load_checked(files[0])
         if not files:
             pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(
                 p.name for p in path.glob("*.pt*")
@@ -177,7 +220,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"Weights file {path} does not exist.")
-        return load_file(str(path))
+        return load_checked(path)
     raise FileNotFoundError(
         f"{path} is neither a directory, a .safetensors file nor a "
         "*.safetensors.index.json; only safetensors weights are supported."
@@ -196,7 +239,7 @@ def _read_sharded(index_path: Path) -> dict[str, np.ndarray]:
         )
     tensors: dict[str, np.ndarray] = {}
     for shard in shards:
-        tensors.update(load_file(str(index_path.parent / shard)))
+        tensors.update(load_checked(index_path.parent / shard))
     absent = sorted(set(weight_map) - set(tensors))
     if absent:
         raise FileNotFoundError(
