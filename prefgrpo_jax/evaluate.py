@@ -117,6 +117,17 @@ def generate(pipe, prompts: list[str], config: ml_collections.ConfigDict, key: j
     return np.concatenate(out)
 
 
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float replaced by None (JSON null)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def score_table_markdown(table: dict[str, float], title: str) -> str:
     dims = [d for d in table if d != "overall"]
     header = "| " + " | ".join(["model"] + dims + ["overall"]) + " |"
@@ -192,7 +203,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     }
     out_dir = Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    # NaN (a dimension with no judged testpoint) is not JSON: written as null.
+    (out_dir / f"{name}.json").write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
     markdown = score_table_markdown(report["scores"], name)
     (out_dir / f"{name}.md").write_text(markdown + "\n")
     first = np.arange(0, len(prompts), max(1, len(prompts) // 8))[:8]

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding, workdir_lock
+from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, run_guards, sampling, sharding, workdir_lock
 from prefgrpo_jax.models import autoencoder
 from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
@@ -248,8 +248,13 @@ class Trainer:
         # Each process judges its own groups; the small outputs (scores or P) are
         # gathered so advantages and diagnostics are computed on the global batch
         # identically everywhere, then each process keeps its rows.
+        counted = {name: src.counters for name, src in self.reward.sources.items() if src.counters}
+        before = {name: dict(read()) for name, read in counted.items()}
         local_outputs = {name: src(prompts, local_images) for name, src in self.reward.sources.items()}
         reward_time = time.perf_counter() - t_reward
+        request_counts = {}
+        for name, read in counted.items():
+            request_counts.update(run_guards.source_counters(before[name], read(), name))
         outputs = {name: sharding.allgather_host(v) for name, v in local_outputs.items()}
         out = self.reward.from_outputs(outputs)
         adv_all = np.asarray(out.advantages, np.float32)
@@ -274,6 +279,9 @@ class Trainer:
         })
         for name, value in out.diagnostics.items():
             metrics[f"reward/{name}"] = float(value)
+        if request_counts:  # summed over the processes, each of which judged its own groups
+            totals = sharding.allgather_host(np.asarray([list(request_counts.values())], np.float64)).sum(0)
+            metrics.update(zip(request_counts, map(float, totals)))
         elapsed = time.perf_counter() - t0
         metrics["reward_time_s"] = reward_time
         metrics["step_time_s"] = elapsed
@@ -295,8 +303,24 @@ class Trainer:
                 f"config.seed={self.config.seed} but the checkpoint in {self.checkpointer.directory} "
                 f"was written with seed {meta.get('seed')}: use a new --workdir or the same seed"
             )
+        self.check_config_unchanged(meta.get("config", {}), latest)
         log.info("resumed from checkpoint at step %d", latest)
         return int(latest)
+
+    def check_config_unchanged(self, saved: dict[str, Any], step: int) -> None:
+        """Refuses a resume whose config changes the experiment (unless allowed); logs every change."""
+        experiment, other = run_guards.config_changes(saved, self.config.to_dict())
+        where = f"checkpoint {step} in {self.checkpointer.directory}"
+        if experiment and not self.config.allow_config_change:
+            raise config_lib.ConfigError(
+                f"the config differs from the one {where} was trained with, in fields that change the "
+                "experiment:\n  " + "\n  ".join(experiment) + "\nUse the checkpoint's values, a new "
+                "--workdir, or --config.allow_config_change=True to continue with the new ones"
+            )
+        for line in experiment:
+            log.warning("config changed on resume (allow_config_change=True): %s", line)
+        for line in other:
+            log.info("config changed on resume: %s", line)
 
     def meta(self, step: int) -> dict[str, Any]:
         return {
@@ -316,6 +340,7 @@ class Trainer:
         start = self.restore()
         logger = MetricsLogger(self.workdir, enabled=self.is_chief, truncate_after=start)
         nonfinite_streak = 0
+        signal_watch = run_guards.SignalWatch(self.reward.weights, cfg.train.max_steps_without_signal)
         t_start = time.perf_counter()
         try:
             with checkpoint.PreemptionFlag() as preempt:
@@ -334,19 +359,24 @@ class Trainer:
                         prompts, imgs = self._last_images
                         save_image_grid(self.workdir / "images" / f"step_{done:06d}.png", imgs, prompts)
                     stop = checkpoint.any_process(preempt.requested)
-                    self.checkpointer.save(done, self.state, self.meta(done), force=stop or done == cfg.total_steps)
+                    saved = self.save_checkpoint(done, force=stop or done == cfg.total_steps,
+                                                 nonfinite_streak=nonfinite_streak)
                     if self.is_chief:
                         _progress(done, cfg.total_steps, start, t_start, metrics)
-                    if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
+                    if nonfinite_streak > cfg.train.max_consecutive_nonfinite or (
+                            nonfinite_streak and done == cfg.total_steps):
                         raise NonFiniteError(
-                            f"{nonfinite_streak} consecutive steps had non-finite losses/gradients "
-                            f"(limit config.train.max_consecutive_nonfinite="
-                            f"{cfg.train.max_consecutive_nonfinite}); lower optim.learning_rate or check "
-                            "the reward. The last good checkpoint is in "
-                            f"{self.checkpointer.directory}"
+                            f"{nonfinite_streak} consecutive steps up to step {done} had non-finite "
+                            f"losses/gradients (limit config.train.max_consecutive_nonfinite="
+                            f"{cfg.train.max_consecutive_nonfinite}; a run may not end in such a streak); "
+                            "nothing was checkpointed or exported during it. Lower optim.learning_rate or "
+                            "check the reward; the last good checkpoint is step "
+                            f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}"
                         )
+                    signal_watch.update(metrics)
                     if stop:
-                        log.warning("stopping after step %d on preemption signal (checkpoint saved)", done)
+                        log.warning("stopping after step %d on preemption signal (%s)", done,
+                                    "checkpoint saved" if saved else "no checkpoint: non-finite streak")
                         return
             self.export_final()
             trend = reward_trend(read_metrics(self.workdir)) if self.is_chief else None
@@ -359,10 +389,24 @@ class Trainer:
                 self.lock.release()
 
 
+    def save_checkpoint(self, done: int, *, force: bool, nonfinite_streak: int) -> bool:
+        """Checkpoints at the configured interval (or ``force``), never a state inside a
+        non-finite streak: resuming from it would replay the streak."""
+        if not force and done % self.checkpointer.save_every:
+            return False
+        if nonfinite_streak or not run_guards.tree_all_finite(self.state["params"]):
+            log.warning("step %d: not checkpointing: the state is inside a non-finite streak "
+                        "(%d step(s)) or holds NaN/Inf", done, nonfinite_streak)
+            return False
+        return self.checkpointer.save(done, self.state, self.meta(done), force=force)
+
     def export_final(self) -> Path:
         """The trained transformer as a diffusers directory (drop-in ``transformer/``)."""
         from prefgrpo_jax import export
 
+        if not run_guards.tree_all_finite(self.state["params"]):
+            raise NonFiniteError("the trained parameters hold NaN/Inf: not exporting them; the last "
+                                 f"good checkpoint is in {self.checkpointer.directory}")
         graphdef, _ = nnx.split(self.pipe.transformer)
         model = nnx.merge(graphdef, self.state["params"])
         out = self.workdir / "export" / "transformer"

@@ -113,6 +113,7 @@ _IMG1_RE = re.compile(r"\bimage\s*1\s+is\s+better\b", re.IGNORECASE)
 _IMG2_RE = re.compile(r"\bimage\s*2\s+is\s+better\b", re.IGNORECASE)
 _TESTPOINT_RE = re.compile(r"^\W*(\d+)\s*[:.)\-]\s*\**\s*(yes|no)\b", re.IGNORECASE | re.MULTILINE)
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BEARER_RE = re.compile(r"Bearer\s+\S+", re.IGNORECASE)
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _MAX_RETRY_AFTER_S = 30.0
@@ -285,7 +286,7 @@ class VLMJudge:
         ``{base_url}/v1/chat/completions``.
       model: model name as served.
       api_key_env: name of an environment variable holding the API key, read
-        once here and sent as ``Authorization: Bearer ...``; None sends none.
+        once here and sent as ``Authorization: Bearer ...``; None or "" sends none.
       max_concurrency: most requests in flight at once.
       timeout_s: wall-clock limit of one attempt: connecting, sending and
         reading the complete reply (not just each socket read).
@@ -349,7 +350,6 @@ class VLMJudge:
         self.base_url = base_url
         self.url = base_url + "/v1/chat/completions"
         self.model = model
-        self.api_key_env = api_key_env
         self.max_concurrency = int(max_concurrency)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
@@ -364,7 +364,14 @@ class VLMJudge:
         self.testpoint_template = testpoint_template
 
         self._api_key: Optional[str] = None
-        if api_key_env is not None:
+        if api_key_env and not (isinstance(api_key_env, str) and _ENV_NAME_RE.fullmatch(api_key_env)):
+            # Most likely the key itself, pasted in the wrong place: never echo it.
+            raise ValueError(
+                f"api_key_env must be the name of an environment variable (letters, digits, _), not "
+                f"the key itself; got a value of {len(str(api_key_env))} characters (not shown)"
+            )
+        self.api_key_env = api_key_env or None  # "" (a config's "no key") means none
+        if self.api_key_env is not None:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ValueError(
