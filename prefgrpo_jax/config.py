@@ -186,13 +186,12 @@ def judge_option_problems(options: Any, field: str) -> list[str]:
 
 
 def _check_guards(config: ml_collections.ConfigDict, check) -> None:
-    """The run's stop policies and the resume switch."""
+    """The run's stop policies."""
     t = config.train
     for name in ("max_consecutive_nonfinite", "max_steps_without_signal"):
         value = t.get(name)
         check(f"train.{name}", isinstance(value, int) and not isinstance(value, bool) and value >= 0,
               "must be an integer >= 0" + (" (0 = never stop)" if name == "max_steps_without_signal" else ""))
-    check("allow_config_change", isinstance(config.get("allow_config_change"), bool), "must be True or False")
 
 
 def base_config() -> ml_collections.ConfigDict:

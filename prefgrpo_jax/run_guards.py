@@ -137,3 +137,25 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> tupl
         line = f"{field}: {a.get(field, '<absent>')!r} -> {b.get(field, '<absent>')!r}"
         (experiment if _is_experiment_field(field) else other).append(line)
     return experiment, other
+
+
+def check_resume_config(saved: Mapping[str, Any], config: Any, where: str) -> None:
+    """Refuses to resume ``where`` (a checkpoint) with experiment fields changed, unless
+    ``config.allow_config_change``; logs every change that goes through.
+
+    Raises:
+      ConfigError listing each changed field as ``field: checkpoint's -> current``.
+    """
+    from prefgrpo_jax.config import ConfigError
+
+    experiment, other = config_changes(saved, config.to_dict())
+    if experiment and not config.allow_config_change:
+        raise ConfigError(
+            f"the config differs from the one {where} was trained with, in fields that change the "
+            "experiment:\n  " + "\n  ".join(experiment) + "\nUse the checkpoint's values, a new "
+            "--workdir, or --config.allow_config_change=True to continue with the new ones"
+        )
+    for line in experiment:
+        log.warning("config changed on resume (allow_config_change=True): %s", line)
+    for line in other:
+        log.info("config changed on resume: %s", line)

@@ -303,24 +303,10 @@ class Trainer:
                 f"config.seed={self.config.seed} but the checkpoint in {self.checkpointer.directory} "
                 f"was written with seed {meta.get('seed')}: use a new --workdir or the same seed"
             )
-        self.check_config_unchanged(meta.get("config", {}), latest)
+        run_guards.check_resume_config(meta.get("config", {}), self.config,
+                                       f"checkpoint {latest} in {self.checkpointer.directory}")
         log.info("resumed from checkpoint at step %d", latest)
         return int(latest)
-
-    def check_config_unchanged(self, saved: dict[str, Any], step: int) -> None:
-        """Refuses a resume whose config changes the experiment (unless allowed); logs every change."""
-        experiment, other = run_guards.config_changes(saved, self.config.to_dict())
-        where = f"checkpoint {step} in {self.checkpointer.directory}"
-        if experiment and not self.config.allow_config_change:
-            raise config_lib.ConfigError(
-                f"the config differs from the one {where} was trained with, in fields that change the "
-                "experiment:\n  " + "\n  ".join(experiment) + "\nUse the checkpoint's values, a new "
-                "--workdir, or --config.allow_config_change=True to continue with the new ones"
-            )
-        for line in experiment:
-            log.warning("config changed on resume (allow_config_change=True): %s", line)
-        for line in other:
-            log.info("config changed on resume: %s", line)
 
     def meta(self, step: int) -> dict[str, Any]:
         return {
