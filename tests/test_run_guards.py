@@ -137,3 +137,12 @@ def test_reward_options_that_do_not_fit_name_the_config_field():
 
     with pytest.raises(ValueError, match=r"reward 'vlm_judge': its options \(config.reward.options.vlm_judge\) do not fit"):
         registry.build_reward_mix({"vlm_judge": 1.0}, {"vlm_judge": {"base_url": "http://x:1"}})
+
+
+def test_error_about_a_huge_prompt_does_not_paste_it():
+    from prefgrpo_jax.toyworld.scenes import parse_prompt
+
+    prompt = "a red circle " * 7700  # ~100k characters
+    with pytest.raises(ValueError) as err:
+        parse_prompt(prompt)
+    assert len(str(err.value)) < 400 and "(100100 characters)" in str(err.value)
