@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from prefgrpo_jax import config as config_lib
+from prefgrpo_jax import config as config_lib, workdir_lock
 from prefgrpo_jax.sample import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
@@ -185,6 +185,7 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict], tuple[list[str], Callable
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
     config_lib.validate(config, mode="eval")
+    workdir_lock.prepare_workdir(workdir)  # a read-only workdir fails now, not after judging
     t0 = time.perf_counter()
     prompts, score = TASKS[config.eval.judge](config)
     pipe, step = load_trained_pipeline(config, workdir)

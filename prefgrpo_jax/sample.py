@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from prefgrpo_jax import checkpoint, grpo
+from prefgrpo_jax import checkpoint, grpo, workdir_lock
 from prefgrpo_jax.train import build_optimizer, load_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
@@ -41,6 +41,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     prompts = list(s.prompts)
     if not prompts:
         raise ValueError("config.sample.prompts is empty: give at least one prompt")
+    workdir_lock.prepare_workdir(workdir)  # a read-only workdir fails now, not after sampling
     pipe, step = load_trained_pipeline(config, workdir)
     out = Path(workdir) / "samples" / (f"step_{step:06d}" if step is not None else "base")
     key = jax.random.key(config.seed)

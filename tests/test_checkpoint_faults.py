@@ -69,3 +69,30 @@ def test_no_checkpoint_is_none(tmp_path):
     ck = Checkpointer(tmp_path / "empty", keep=2, save_every=1)
     assert ck.restore_newest_readable(state_at(0)) is None
     ck.close()
+
+
+def test_sample_and_eval_load_the_newest_readable_checkpoint(tiny_flux_dir, tmp_path, caplog):
+    import jax
+    from flax import nnx
+
+    from prefgrpo_jax import grpo, sample
+    from prefgrpo_jax.train import build_optimizer, load_pipeline
+    from test_train import load_tiny_config
+
+    config = load_tiny_config()
+    config.model.path = str(tiny_flux_dir)
+    _, params = nnx.split(load_pipeline(config).transformer)
+    params = jax.tree.map(lambda a: a.astype(np.float32), params)
+    ck = Checkpointer(tmp_path / "checkpoints", keep=3, save_every=1)
+    for step in (1, 2):  # params shifted by the step: the restored one is recognisable
+        shifted = jax.tree.map(lambda a: a + step, params)
+        ck.save(step, grpo.init_train_state(shifted, build_optimizer(config)), {"step": step, "seed": 0})
+    ck.close()
+    biggest_file(tmp_path / "checkpoints" / "2" / "state").write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.WARNING):
+        pipe, step = sample.load_trained_pipeline(config, tmp_path)  # what --mode=sample and eval call
+    assert step == 1
+    restored = jax.tree.leaves(nnx.split(pipe.transformer)[1])[0]
+    np.testing.assert_allclose(np.asarray(restored), np.asarray(jax.tree.leaves(params)[0]) + 1)
+    assert any("checkpoint 2 in" in m and "unreadable" in m for m in caplog.messages)
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # sampling never moves anything
