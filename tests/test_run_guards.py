@@ -146,3 +146,15 @@ def test_error_about_a_huge_prompt_does_not_paste_it():
     with pytest.raises(ValueError) as err:
         parse_prompt(prompt)
     assert len(str(err.value)) < 400 and "(100100 characters)" in str(err.value)
+
+
+def test_eval_report_json_has_null_not_bare_nan():
+    import json
+
+    from prefgrpo_jax.evaluate import _finite_or_null
+
+    report = {"scores": {"Action": float("nan"), "overall": 0.5}, "unjudged": {"Action": 3},
+              "per_prompt": [1.0, float("inf")], "name": "x"}
+    text = json.dumps(_finite_or_null(report), allow_nan=False)
+    assert json.loads(text) == {"scores": {"Action": None, "overall": 0.5}, "unjudged": {"Action": 3},
+                                "per_prompt": [1.0, None], "name": "x"}
