@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 
 def replace_atomically(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` so a reader (or a kill) sees the old or the
-    new content, never a mix or an empty file."""
-    tmp = path.with_name(path.name + ".tmp")
+    new content, never a mix or an empty file.
+
+    The temporary name matches neither ``metrics.jsonl`` nor TensorBoard's
+    ``*tfevents*``, so one left by a kill is never read as a log; the next
+    rewrite in that directory (one writer: the workdir lock) reuses it."""
+    tmp = path.parent / ".rewrite.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -83,3 +83,18 @@ def test_event_reader_stops_at_corruption(tmp_path):
     raw[-3] ^= 0xFF  # flip a byte of the last record's CRC
     path.write_bytes(bytes(raw))
     assert train_logging.read_event_records(path) == records[:-1]
+
+
+def test_a_rewrite_left_behind_by_a_kill_is_never_read_as_a_log(tmp_path, monkeypatch):
+    logger = MetricsLogger(tmp_path, truncate_after=0)
+    for s in (1, 2, 3):
+        logger.write(s, {"loss": 1.0})
+    logger.close()
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(SystemExit("killed")))
+    with pytest.raises(SystemExit):
+        MetricsLogger(tmp_path, truncate_after=1)
+    monkeypatch.undo()
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file() and "tmp" in p.name]
+    assert leftovers and not any("tfevents" in n or n.startswith("metrics") for n in leftovers)
+    MetricsLogger(tmp_path, truncate_after=1).close()
+    assert tensorboard_steps(tmp_path / "tensorboard") == {"loss": [1]}
