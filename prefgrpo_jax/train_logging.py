@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -82,12 +83,7 @@ class MetricsLogger:
             replace_atomically(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
         if truncate_after is not None:
             truncate_tensorboard(Path(workdir) / "tensorboard", truncate_after)
-        from tensorboardX import SummaryWriter
-
-        # The default file name holds the time in whole seconds: a restart within
-        # the same second would overwrite the previous run's events.
-        self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"),
-                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        self._writer = EventFile(Path(workdir) / "tensorboard")
         self._file = self.path.open("a")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -96,10 +92,9 @@ class MetricsLogger:
         row = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
         self._file.write(json.dumps(row, sort_keys=True) + "\n")
         self._file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(key, value, step)
-        self._writer.flush()
+        self._writer.add_scalars(step, {
+            k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)
+        })
 
     def close(self) -> None:
         if self.enabled:
@@ -114,6 +109,45 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 # TFRecord framing of TensorBoard event files: length (u64), masked CRC of the
 # length (u32), the serialized Event, masked CRC of the data (u32).
 _LEN, _CRC = struct.Struct("<Q"), struct.Struct("<I")
+
+
+def _frame(data: bytes) -> bytes:
+    from tensorboardX.record_writer import masked_crc32c
+
+    header = _LEN.pack(len(data))
+    return header + _CRC.pack(masked_crc32c(header)) + data + _CRC.pack(masked_crc32c(data))
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously: ``add_scalars`` returns once
+    the step's record is in the OS, so a checkpoint saved after it never runs
+    ahead of the events (tensorboardX's ``SummaryWriter`` queues them to a thread
+    whose ``flush`` does not wait for the queue, and a kill loses them)."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX.proto.event_pb2 import Event
+
+        directory.mkdir(parents=True, exist_ok=True)
+        # Whole seconds alone (TensorBoard's convention) could name a restart's
+        # file like the previous run's; pid and nanoseconds keep them apart.
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
+        self._file = open(directory / name, "ab")
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        self._file.write(_frame(event.SerializeToString()))
+        self._file.flush()
+
+    def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """One event holding every scalar of ``step``."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def read_event_records(path: Path) -> list[bytes]:
@@ -138,7 +172,6 @@ def truncate_tensorboard(directory: Path, after_step: int) -> None:
     """Drops events of steps > ``after_step`` from every event file in ``directory``
     (a resumed run logs those steps again into a new file)."""
     from tensorboardX.proto.event_pb2 import Event
-    from tensorboardX.record_writer import masked_crc32c
 
     for path in sorted(Path(directory).glob("events.out.tfevents.*")):
         records = read_event_records(path)
@@ -146,8 +179,7 @@ def truncate_tensorboard(directory: Path, after_step: int) -> None:
         for data in records:
             event = Event.FromString(data)
             if not event.HasField("summary") or event.step <= after_step:
-                header = _LEN.pack(len(data))
-                kept.append(header + _CRC.pack(masked_crc32c(header)) + data + _CRC.pack(masked_crc32c(data)))
+                kept.append(_frame(data))
         if len(kept) != len(records) or sum(map(len, kept)) != path.stat().st_size:
             replace_atomically(path, b"".join(kept))
 

@@ -67,79 +67,6 @@ def checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
-# -- SIGKILL at random points -----------------------------------------------------------
-
-
-def _kill_when(proc: subprocess.Popen, workdir: Path, kind: str, arg: float) -> bool:
-    """SIGKILLs ``proc`` at the trigger; False if it exited first.
-
-    kind "time": ``arg`` seconds after the start. "metrics": at the ``arg``-th growth
-    of metrics.jsonl (mid-append or just after it). "checkpoint": when the ``arg``-th
-    new orbax temporary checkpoint directory appears (during its write).
-    """
-    t0 = time.monotonic()
-    seen_size = (workdir / "metrics.jsonl").stat().st_size if (workdir / "metrics.jsonl").exists() else 0
-    seen_tmp: set[str] = set()
-    events = 0
-    while proc.poll() is None:
-        if kind == "time":
-            fire = time.monotonic() - t0 >= arg
-        elif kind == "metrics":
-            path = workdir / "metrics.jsonl"
-            size = path.stat().st_size if path.exists() else 0
-            if size != seen_size:  # a rewrite on resume shrinks it; an append grows it
-                events += size > seen_size
-                seen_size = size
-            fire = events >= arg
-        else:
-            ck = workdir / "checkpoints"
-            tmp = {p.name for p in ck.iterdir() if "tmp" in p.name} if ck.is_dir() else set()
-            events += len(tmp - seen_tmp)
-            seen_tmp |= tmp
-            fire = events >= arg
-        if fire:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.001)
-    return False
-
-
-@pytest.mark.slow
-def test_sigkill_at_ten_random_points_matches_an_uninterrupted_run(base_config, cached_env, tmp_path):
-    config = derived_config(base_config, tmp_path / "kill.py", """
-        c.total_steps = 8
-        c.checkpoint_every = 1
-        c.image_every = 0
-    """)
-    t0 = time.monotonic()
-    reference = tmp_path / "reference"
-    proc = run(config, reference, cached_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    t_full = time.monotonic() - t0
-
-    work = tmp_path / "killed"
-    rng = np.random.default_rng(12)
-    kinds = ["time", "metrics", "checkpoint"] * 3 + ["checkpoint"]
-    rng.shuffle(kinds)
-    kills = []
-    for kind in kinds:
-        arg = float(rng.uniform(0.2, 1.0) * t_full) if kind == "time" else int(rng.integers(1, 3))
-        with open(tmp_path / "killed.log", "a") as log:
-            victim = subprocess.Popen(main_command(config, work), cwd=REPO, env=cached_env,
-                                      stdout=log, stderr=log)
-            killed = _kill_when(victim, work, kind, arg)
-        assert killed, f"the run ended before kill {len(kills) + 1} ({kind} {arg}); log: {tmp_path / 'killed.log'}"
-        kills.append((kind, arg, checkpoint_steps(work) if (work / "checkpoints").is_dir() else []))
-    final = run(config, work, cached_env)
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert comparable(metrics(work)) == comparable(metrics(reference)), kills
-    assert [r["step"] for r in metrics(work)] == list(range(1, 9))
-    for tag, steps in tensorboard_steps(work / "tensorboard").items():
-        assert steps == list(range(1, 9)), (tag, steps)
-    assert (work / "export" / "transformer").is_dir()
-
-
 # -- NaN streak, then a resume with a changed config -------------------------------------
 
 BLIND_REWARD = """
@@ -223,3 +150,84 @@ def test_judge_without_signal_stops_the_run_and_its_counters_reach_the_metrics(b
         assert (r["vlm_judge/judge_requests"], r["vlm_judge/judge_unparseable"], r["vlm_judge/judge_failed"]) == (12, 12, 0)
         assert r["reward/vlm_judge/tie_frac"] == 1.0
     assert not (work / "export").exists()
+
+
+# -- SIGKILL at random points -----------------------------------------------------------
+
+
+def _kill_when(proc: subprocess.Popen, workdir: Path, kind: str, arg: float) -> bool:
+    """SIGKILLs ``proc`` at the trigger; False if it exited first.
+
+    kind "time": ``arg`` seconds after the start. "metrics": at the ``arg``-th growth
+    of metrics.jsonl (mid-append or just after it). "checkpoint": when the ``arg``-th
+    new orbax temporary checkpoint directory appears (during its write).
+    """
+    t0 = time.monotonic()
+    seen_size = (workdir / "metrics.jsonl").stat().st_size if (workdir / "metrics.jsonl").exists() else 0
+    ck = workdir / "checkpoints"
+    # A temporary directory left by an earlier kill is not a new write.
+    seen_tmp = {p.name for p in ck.iterdir() if "tmp" in p.name} if ck.is_dir() else set()
+    events = 0
+    while proc.poll() is None:
+        if kind == "time":
+            fire = time.monotonic() - t0 >= arg
+        elif kind == "metrics":
+            path = workdir / "metrics.jsonl"
+            size = path.stat().st_size if path.exists() else 0
+            if size != seen_size:  # a rewrite on resume shrinks it; an append grows it
+                events += size > seen_size
+                seen_size = size
+            fire = events >= arg
+        else:
+            tmp = {p.name for p in ck.iterdir() if "tmp" in p.name} if ck.is_dir() else set()
+            events += len(tmp - seen_tmp)
+            seen_tmp |= tmp
+            fire = events >= arg
+        if fire:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_points_matches_an_uninterrupted_run(base_config, cached_env, tmp_path):
+    config = derived_config(base_config, tmp_path / "kill.py", """
+        c.total_steps = 8
+        c.checkpoint_every = 1
+        c.image_every = 0
+    """)
+    reference = tmp_path / "reference"
+    proc = run(config, reference, cached_env)  # fills the compilation cache
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A second uninterrupted run (from the cache, as every restart below) times the
+    # run the kills are spread over, and shows the cache changes no result.
+    t0 = time.monotonic()
+    proc = run(config, tmp_path / "reference_cached", cached_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t_full = time.monotonic() - t0
+    assert comparable(metrics(tmp_path / "reference_cached")) == comparable(metrics(reference))
+
+    work = tmp_path / "killed"
+    rng = np.random.default_rng(12)
+    kinds = ["time", "metrics", "checkpoint"] * 3 + ["checkpoint"]
+    rng.shuffle(kinds)
+    kills = []
+    for kind in kinds:
+        # Time kills land anywhere from start-up (imports, loading) to mid-run.
+        arg = float(rng.uniform(0.1, 0.7) * t_full) if kind == "time" else int(rng.integers(1, 3))
+        with open(tmp_path / "killed.log", "a") as log:
+            victim = subprocess.Popen(main_command(config, work), cwd=REPO, env=cached_env,
+                                      stdout=log, stderr=log)
+            killed = _kill_when(victim, work, kind, arg)
+        assert killed, f"the run ended before kill {len(kills) + 1} ({kind} {arg}); log: {tmp_path / 'killed.log'}"
+        kills.append((kind, arg, checkpoint_steps(work) if (work / "checkpoints").is_dir() else []))
+    final = run(config, work, cached_env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert comparable(metrics(work)) == comparable(metrics(reference)), kills
+    assert [r["step"] for r in metrics(work)] == list(range(1, 9))
+    for tag, steps in tensorboard_steps(work / "tensorboard").items():
+        assert steps == list(range(1, 9)), (tag, steps)
+    assert (work / "export" / "transformer").is_dir()
+    assert (work / ".lock").read_text() == ""  # released by the run that finished

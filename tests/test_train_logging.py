@@ -98,3 +98,14 @@ def test_a_rewrite_left_behind_by_a_kill_is_never_read_as_a_log(tmp_path, monkey
     assert leftovers and not any("tfevents" in n or n.startswith("metrics") for n in leftovers)
     MetricsLogger(tmp_path, truncate_after=1).close()
     assert tensorboard_steps(tmp_path / "tensorboard") == {"loss": [1]}
+
+
+def test_events_are_on_disk_when_write_returns(tmp_path):
+    """A kill right after a checkpoint (saved after the step's log) must not lose the
+    step's events: they are written synchronously, not queued to a thread."""
+    logger = MetricsLogger(tmp_path, truncate_after=0)
+    for s in range(1, 21):
+        logger.write(s, {"loss": float(s), "reward_mean": 0.5, "bad": float("nan")})
+        assert tensorboard_steps(tmp_path / "tensorboard") == {"loss": list(range(1, s + 1)),
+                                                               "reward_mean": list(range(1, s + 1))}
+    logger.close()
