@@ -87,7 +87,7 @@ class Checkpointer:
         A checkpoint that fails to read (a truncated data file, a missing
         ``state/`` or manifest: a disk that filled or a copy cut short) is
         skipped with a warning naming it and the error; older ones are tried in
-        turn. With ``set_aside`` (the training chief) the skipped ones move to
+        turn. With ``set_aside`` (single-process training) the skipped ones move to
         ``<directory>_unreadable/`` so the resumed run can save those steps
         again. Raises CheckpointUnreadableError listing every failure if none reads.
         """

@@ -6,7 +6,6 @@ all problems are reported together.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +156,6 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         raise ConfigError(f"{len(problems)} invalid config field(s):\n  " + "\n  ".join(problems))
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 def judge_option_problems(options: Any, field: str) -> list[str]:
     """Problems of a VLM judge's options (``base_url``, ``model``, ``api_key_env``).
 
@@ -177,8 +173,10 @@ def judge_option_problems(options: Any, field: str) -> list[str]:
     if not (isinstance(options.get("model"), str) and options.get("model")):
         problems.append(f"config.{field}.model={options.get('model')!r}: must name the model the judge "
                         "server serves")
+    from prefgrpo_jax.rewards.judge import is_env_var_name
+
     key_env = options.get("api_key_env")
-    if key_env and not (isinstance(key_env, str) and _ENV_NAME.fullmatch(key_env)):
+    if key_env and not is_env_var_name(key_env):
         problems.append(f"config.{field}.api_key_env=<{len(str(key_env))} characters, not shown>: must "
                         "be the NAME of an environment variable holding the key (letters, digits, _), "
                         "never the key itself; empty for no key")

@@ -119,6 +119,11 @@ _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _MAX_RETRY_AFTER_S = 30.0
 
 
+def is_env_var_name(value) -> bool:
+    """True for a plausible environment variable name (what ``api_key_env`` must hold)."""
+    return isinstance(value, str) and _ENV_NAME_RE.fullmatch(value) is not None
+
+
 class JudgeUnavailableError(RuntimeError):
     """Every request of a ``preference_matrix`` call failed."""
 
@@ -364,7 +369,7 @@ class VLMJudge:
         self.testpoint_template = testpoint_template
 
         self._api_key: Optional[str] = None
-        if api_key_env and not (isinstance(api_key_env, str) and _ENV_NAME_RE.fullmatch(api_key_env)):
+        if api_key_env and not is_env_var_name(api_key_env):
             # Most likely the key itself, pasted in the wrong place: never echo it.
             raise ValueError(
                 f"api_key_env must be the name of an environment variable (letters, digits, _), not "
