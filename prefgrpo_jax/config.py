@@ -117,6 +117,12 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     monitor = config.reward.get("monitor", "")
     check("reward.monitor", not monitor or monitor in spec,
           f"must be empty or one of the sources in reward.spec {sorted(spec)}")
+    options = config.reward.get("options") or {}
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    check("reward.options", not set(options) - set(spec),
+          f"names sources {sorted(set(options) - set(spec))} that reward.spec {sorted(spec)} does not use")
+    for name in sorted(set(spec) & set(known)):
+        problems.extend(registry.option_problems(name, options.get(name, {})))
     if "vlm_judge" in spec:
         problems.extend(judge_option_problems(config.reward.get("options", {}).get("vlm_judge"),
                                               "reward.options.vlm_judge"))

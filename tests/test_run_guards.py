@@ -158,3 +158,15 @@ def test_eval_report_json_has_null_not_bare_nan():
     text = json.dumps(_finite_or_null(report), allow_nan=False)
     assert json.loads(text) == {"scores": {"Action": None, "overall": 0.5}, "unjudged": {"Action": 3},
                                 "per_prompt": [1.0, None], "name": "x"}
+
+
+def test_reward_options_checked_before_loading():
+    c = config_lib.base_config()
+    c.model.path = "/nonexistent"
+    c.reward.spec = {"clip": 1.0}
+    c.reward.options = {"clip": {"pth": "/data/clip"}, "vlm_judge": {"base_url": "http://x:1"}}
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.validate(c)
+    msg = str(err.value)
+    assert "config.reward.options.clip={'pth': '/data/clip'}: got an unexpected keyword argument 'pth'" in msg
+    assert "config.reward.options=" in msg and "names sources ['vlm_judge'] that reward.spec ['clip'] does not use" in msg

@@ -346,6 +346,19 @@ def register_reward(name: str, factory: Callable[..., RewardSource], *,
     reg[name] = factory
 
 
+def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
+    """Option keywords of reward ``name`` that its factory cannot take (unknown or
+    missing required ones), as config error lines; checked before any model loads."""
+    import inspect
+
+    try:
+        inspect.signature(REWARD_FACTORIES[name]).bind(**_as_dict(options))
+    except TypeError as err:
+        return [f"config.reward.options.{name}={_as_dict(options)!r}: {err} (the keyword options of "
+                f"reward {name!r})"]
+    return []
+
+
 def known_rewards(factories: Mapping[str, Any] | None = None) -> list[str]:
     return sorted(REWARD_FACTORIES if factories is None else factories)
 
