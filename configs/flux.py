@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
         "vlm_judge": {
             "base_url": "http://127.0.0.1:8080",
             "model": "UnifiedReward",  # the name the reference's vLLM script serves
-            "api_key_env": None,
+            "api_key_env": "",  # name of the env var holding the key; "" = none (a str, so settable from the command line)
             "max_concurrency": 32,
             "timeout_s": 120.0,
             "retries": 3,

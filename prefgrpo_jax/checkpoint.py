@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,10 @@ DIRECTORIES = {"state": "checkpoints", "params": "params_checkpoints"}
 def _abstract(tree: Any) -> Any:
     """Live arrays or ``ShapeDtypeStruct``s -> ``ShapeDtypeStruct``s with shardings."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """Every checkpoint of a workdir failed to restore."""
 
 
 class Checkpointer:
@@ -135,6 +141,48 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return step
+
+    def restore_newest_readable(
+        self, state_like: Any, *, set_aside: bool = False
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, meta)`` of the newest checkpoint that restores, or None if there is none.
+
+        A checkpoint that fails to read (a truncated data file, a missing
+        ``state/`` or manifest: a disk that filled or a copy cut short) is
+        skipped with a warning naming it and the error; older ones are tried in
+        turn. With ``set_aside`` (single-process training) the skipped ones move to
+        ``<directory>_unreadable/`` so the resumed run can save those steps
+        again. Raises CheckpointUnreadableError listing every failure if none reads.
+        """
+        failures, skipped = [], []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(state_like, step)
+            except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                failures.append(f"step {step} ({self.directory / str(step)}): {reason}")
+                skipped.append(step)
+                log.warning("checkpoint %d in %s is unreadable, trying an older one: %s",
+                            step, self.directory, reason)
+                continue
+            if failures:
+                log.warning("resuming from checkpoint %d; skipped unreadable %s", step, "; ".join(failures))
+            if skipped and set_aside:
+                aside = self.directory.with_name(self.directory.name + "_unreadable")
+                aside.mkdir(exist_ok=True)
+                for bad in skipped:
+                    shutil.move(self.directory / str(bad), aside / f"{bad}.{time.time_ns()}")
+                self._manager.reload()
+                log.warning("moved the unreadable checkpoint(s) %s to %s (delete them once diagnosed)",
+                            skipped, aside)
+            return step, state, meta
+        if failures:
+            raise CheckpointUnreadableError(
+                f"no checkpoint in {self.directory} could be read:\n  " + "\n  ".join(failures)
+                + "\nIf the config changed since they were written, restore it; otherwise move "
+                "the directory aside to start over"
+            )
+        return None
 
     def close(self) -> None:
         """Waits for the save in flight, then releases the manager."""

@@ -159,6 +159,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("optim.learning_rate", config.optim.learning_rate > 0, "must be > 0")
     check("optim.weight_decay", config.optim.weight_decay >= 0, "must be >= 0")
     check("optim.max_grad_norm", config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0, "must be > 0 or None")
+    _check_guards(config, check)
 
     from prefgrpo_jax.rewards import registry
 
@@ -170,6 +171,15 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     monitor = config.reward.get("monitor", "")
     check("reward.monitor", not monitor or monitor in spec,
           f"must be empty or one of the sources in reward.spec {sorted(spec)}")
+    options = config.reward.get("options") or {}
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    check("reward.options", not set(options) - set(spec),
+          f"names sources {sorted(set(options) - set(spec))} that reward.spec {sorted(spec)} does not use")
+    for name in sorted(set(spec) & set(known)):
+        problems.extend(registry.option_problems(name, options.get(name, {})))
+    if "vlm_judge" in spec:
+        problems.extend(judge_option_problems(config.reward.get("options", {}).get("vlm_judge"),
+                                              "reward.options.vlm_judge"))
 
     every = config.eval.get("every", 0)
     check("eval.every", isinstance(every, int) and every >= 0,
@@ -180,9 +190,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         for field in ("images_per_prompt", "num_steps", "batch_size", "every_prompts"):
             check(f"eval.{field}", isinstance(e[field], int) and e[field] >= 1, "must be an integer >= 1")
         if e.judge in ("vlm_judge", "unigenbench"):
-            check("eval.vlm_judge.base_url", str(e.vlm_judge.base_url).startswith(("http://", "https://")),
-                  "must be the judge server's root URL, e.g. http://127.0.0.1:8080")
-            check("eval.vlm_judge.model", bool(e.vlm_judge.model), "must name the model the judge server serves")
+            problems.extend(judge_option_problems(e.vlm_judge, "eval.vlm_judge"))
         if e.judge == "unigenbench":
             _check_unigenbench(config, check)
         elif e.judge == "vlm_judge":
@@ -295,6 +303,42 @@ def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def judge_option_problems(options: Any, field: str) -> list[str]:
+    """Problems of a VLM judge's options (``base_url``, ``model``, ``api_key_env``).
+
+    ``api_key_env`` is never echoed: a key pasted there by mistake must not reach a log.
+    """
+    if options is None or not hasattr(options, "get"):
+        return [f"config.{field} is missing: the judge needs at least base_url and model, e.g. "
+                f"--config.{field}.base_url=http://127.0.0.1:8080 --config.{field}.model=NAME "
+                "(see configs/flux.py)"]
+    problems = []
+    base_url = options.get("base_url")
+    if not (isinstance(base_url, str) and base_url.startswith(("http://", "https://"))):
+        problems.append(f"config.{field}.base_url={base_url!r}: must be the judge server's root URL, "
+                        "e.g. http://127.0.0.1:8080")
+    if not (isinstance(options.get("model"), str) and options.get("model")):
+        problems.append(f"config.{field}.model={options.get('model')!r}: must name the model the judge "
+                        "server serves")
+    from prefgrpo_jax.rewards.judge import is_env_var_name
+
+    key_env = options.get("api_key_env")
+    if key_env and not is_env_var_name(key_env):
+        problems.append(f"config.{field}.api_key_env=<{len(str(key_env))} characters, not shown>: must "
+                        "be the NAME of an environment variable holding the key (letters, digits, _), "
+                        "never the key itself; empty for no key")
+    return problems
+
+
+def _check_guards(config: ml_collections.ConfigDict, check) -> None:
+    """The run's stop policies."""
+    t = config.train
+    for name in ("max_consecutive_nonfinite", "max_steps_without_signal"):
+        value = t.get(name)
+        check(f"train.{name}", isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              "must be an integer >= 0" + (" (0 = never stop)" if name == "max_steps_without_signal" else ""))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with the Pref-GRPO FLUX.1-dev recipe's value (MISSION.md).
 
@@ -311,6 +355,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every = 1
     c.image_every = 20
+    # Resume with experiment fields (train.*, optim.*, reward.*, model, data) that
+    # differ from the checkpoint's config: refused unless True (then each is logged).
+    c.allow_config_change = False
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local diffusers-format FLUX directory
@@ -365,6 +412,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.reward_image = "x0_pred"
     c.train.cfg_scale = 1.0  # > 1: classifier-free guidance with the empty prompt
     c.train.max_consecutive_nonfinite = 5
+    # Stop when a weighted reward source gives flat advantages (every image of
+    # every group rewarded alike) this many steps in a row; 0 = never.
+    c.train.max_steps_without_signal = 10
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-5

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from prefgrpo_jax import lazy_tensors
-from prefgrpo_jax.lazy_tensors import LazyTensor
+from prefgrpo_jax.lazy_tensors import LazyTensor, WeightFileError
 
 # target key -> (source name, array). The source name is kept so errors name the
 # tensor the user actually has in their checkpoint.
@@ -159,7 +159,7 @@ def open_safetensors(path: str | Path) -> dict[str, LazyTensor]:
 
     Raises:
       FileNotFoundError: naming what was expected where.
-      lazy_tensors.CorruptWeightsError: a truncated or garbled file, named.
+      WeightFileError: a truncated, garbled or unreadable file, named.
     """
     path = Path(path)
     if path.is_dir():
@@ -202,7 +202,11 @@ def open_safetensors(path: str | Path) -> dict[str, LazyTensor]:
 
 
 def _open_file(path: Path) -> dict[str, LazyTensor]:
-    return dict(lazy_tensors.SafetensorsFile(path).tensors)
+    """The header's lazy views; every box read later is checked for NaN/Inf."""
+    try:
+        return dict(lazy_tensors.SafetensorsFile(path).tensors)
+    except OSError as err:
+        raise WeightFileError(f"cannot read weights file {path}: {err}") from None
 
 
 def _read_sharded(index_path: Path) -> dict[str, LazyTensor]:

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from prefgrpo_jax import config as config_lib
+from prefgrpo_jax import config as config_lib, workdir_lock
 from prefgrpo_jax.state import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
@@ -126,6 +126,17 @@ def generate(pipe, prompts: list[str], config: ml_collections.ConfigDict, key: j
         )
         out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float replaced by None (JSON null)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def score_table_markdown(table: dict[str, float], title: str) -> str:
@@ -343,6 +354,7 @@ def evaluate_unigenbench(config: ml_collections.ConfigDict, task: tuple, pipe, s
 def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
     config_lib.validate(config, mode="eval")
+    workdir_lock.prepare_workdir(workdir)  # a read-only workdir fails now, not after judging
     t0 = time.perf_counter()
     official = config.eval.judge == "unigenbench"
     if official:
@@ -367,7 +379,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     }
     out_dir = Path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    # NaN (a dimension with no judged testpoint) is not JSON: written as null.
+    (out_dir / f"{name}.json").write_text(json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n")
     markdown = score_table_markdown(report["scores"], name)
     (out_dir / f"{name}.md").write_text(markdown + "\n")
     first = np.arange(0, len(prompts), max(1, len(prompts) // 8))[:8]

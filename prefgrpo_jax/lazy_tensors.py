@@ -36,8 +36,22 @@ DTYPES = {
 }
 
 
-class CorruptWeightsError(ValueError):
-    """A safetensors file is truncated or its header is unreadable."""
+class WeightFileError(ValueError):
+    """A weights file is unreadable (truncated, corrupt) or holds NaN/Inf values."""
+
+
+def non_finite(name: str, array: np.ndarray) -> str | None:
+    """None if ``array`` is finite (or not floating), else a line naming tensor and count.
+
+    A NaN/Inf weight makes every sample NaN and every update skipped, so a run
+    would end "successfully" exporting garbage: it is refused where it is read.
+    """
+    if array.dtype.kind in "biu":  # bool/int cannot be non-finite (ml_dtypes floats are kind "V")
+        return None
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad == 0:
+        return None
+    return f"{name} {tuple(array.shape)}: {bad} non-finite value(s) of {array.size}"
 
 
 def normalize_index(index: Index | None, shape: tuple[int, ...]) -> Index:
@@ -110,7 +124,23 @@ class FileTensor(LazyTensor):
 
     def _read(self, index: Index) -> np.ndarray:
         full = np.ndarray(self.shape, self.dtype, buffer=self.file.buffer(), offset=self.offset)
-        return np.array(full[index])  # copies just the box out of the mapping
+        box = np.array(full[index])  # copies just the box out of the mapping
+        line = non_finite(self.name, box)
+        if line:
+            where = "" if box.shape == self.shape else f" (the slice {index} of {self.shape})"
+            raise WeightFileError(
+                f"weights file {self.file.path} holds non-finite tensors (training from them gives NaN "
+                f"samples and skipped updates):\n  {line}{where}")
+        return box
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _unreadable(path: Path, detail: object) -> str:
+    return (f"cannot read weights file {path}: {detail}. The file is truncated or corrupt (a cut-off "
+            "download or a full disk?): download or save it again")
 
 
 class SafetensorsFile:
@@ -124,33 +154,26 @@ class SafetensorsFile:
             with self.path.open("rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
                 if header_len > size - 8:
-                    raise CorruptWeightsError(f"header length {header_len} exceeds the file size {size}")
+                    raise _Truncated(f"header length {header_len} exceeds the file size {size}")
                 header = json.loads(f.read(header_len))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptWeightsError(
-                f"{self.path} is not a readable safetensors file ({err}); re-download or re-save it"
-            ) from err
-        except CorruptWeightsError as err:
-            raise CorruptWeightsError(f"{self.path}: {err}; the file is truncated, re-download it") from err
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, _Truncated) as err:
+            raise WeightFileError(_unreadable(self.path, err)) from None
         self.metadata = header.pop("__metadata__", {}) or {}
         data_start = 8 + header_len
         self.tensors: dict[str, FileTensor] = {}
         end = data_start
         for name, info in header.items():
             if info["dtype"] not in DTYPES:
-                raise CorruptWeightsError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+                raise WeightFileError(f"weights file {self.path}: tensor {name} has unsupported dtype {info['dtype']}")
             begin, stop = info["data_offsets"]
             shape = tuple(int(d) for d in info["shape"])
             dtype = np.dtype(DTYPES[info["dtype"]])
             if stop - begin != math.prod(shape) * dtype.itemsize:
-                raise CorruptWeightsError(f"{self.path}: tensor {name}'s byte range does not match {shape} {dtype}")
+                raise WeightFileError(_unreadable(self.path, f"tensor {name}'s byte range does not match {shape} {dtype}"))
             self.tensors[name] = FileTensor(self, name, dtype, shape, data_start + begin)
             end = max(end, data_start + stop)
         if end > size:
-            raise CorruptWeightsError(
-                f"{self.path} is truncated: its header needs {end} bytes, the file has {size}; "
-                "re-download or re-save it"
-            )
+            raise WeightFileError(_unreadable(self.path, f"its header needs {end} bytes, the file has {size}"))
 
     def buffer(self) -> np.memmap:
         if self._mmap is None:

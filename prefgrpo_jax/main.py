@@ -10,6 +10,7 @@ the held-out prompt set) and ``plan`` (compile the run's programs for
 import sys
 
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -53,5 +54,19 @@ def main(argv):
         evaluate.evaluate(config, FLAGS.workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad ``--config.<field>`` override reported in one line
+    (ml_collections raises it from deep inside flag parsing as a long traceback)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        reason = " ".join(str(err).replace("\\n", " ").strip("'\"").split()).replace("\\'", "'")
+        named = [o for o in overrides if o.rsplit(".", 1)[-1] in reason] or overrides
+        sys.stderr.write(f"error: bad config override {' '.join(named) or '(in --config)'}: {reason}\n"
+                         "(every field is listed in the README's config table)\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

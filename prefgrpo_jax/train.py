@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, sampling, sharding
-from prefgrpo_jax import state as state_lib
+from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, run_guards, sampling, sharding, workdir_lock
 from prefgrpo_jax import ema as ema_lib
+from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
 from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
@@ -152,9 +152,10 @@ class Trainer:
         # The batch layout (prompts per device, micro-batches) derived for this pod.
         config = config_lib.resolve_batch(config, jax.device_count())
         self.config = config
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         config_lib.validate(config, mode="train", num_devices=jax.device_count())
+        self.workdir = workdir_lock.prepare_workdir(workdir)
+        # Before anything is loaded: a second run on this workdir stops here.
+        self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
         t = config.train
         if t.prompts_per_step % jax.process_count():
             raise config_lib.ConfigError(
@@ -295,8 +296,13 @@ class Trainer:
         # Each process judges its own groups; the small outputs (scores or P) are
         # gathered so advantages and diagnostics are computed on the global batch
         # identically everywhere, then each process keeps its rows.
+        counted = {name: src.counters for name, src in self.reward.sources.items() if src.counters}
+        before = {name: dict(read()) for name, read in counted.items()}
         local_outputs = {name: src(prompts, local_images) for name, src in self.reward.sources.items()}
         reward_time = time.perf_counter() - t_reward
+        request_counts = {}
+        for name, read in counted.items():
+            request_counts.update(run_guards.source_counters(before[name], read(), name))
         outputs = {name: sharding.allgather_host(v) for name, v in local_outputs.items()}
         out = self.reward.from_outputs(outputs)
         adv_all = np.asarray(out.advantages, np.float32)
@@ -328,6 +334,9 @@ class Trainer:
         })
         for name, value in out.diagnostics.items():
             metrics[f"reward/{name}"] = float(value)
+        if request_counts:  # summed over the processes, each of which judged its own groups
+            totals = sharding.allgather_host(np.asarray([list(request_counts.values())], np.float64)).sum(0)
+            metrics.update(zip(request_counts, map(float, totals)))
         elapsed = time.perf_counter() - t0
         metrics["reward_time_s"] = reward_time
         metrics["step_time_s"] = elapsed
@@ -338,16 +347,20 @@ class Trainer:
     # -- the loop -------------------------------------------------------------
 
     def restore(self) -> int:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        # Setting aside with several processes would desynchronise their views of
+        # the saved steps (and so their collective saves): there, skipping is enough.
+        found = self.checkpointer.restore_newest_readable(self.state, set_aside=jax.process_count() == 1)
+        if found is None:
             return 0
-        # self.state is abstract here: the restore is the only copy ever allocated.
-        self.state, meta = self.checkpointer.restore(self.state)
+        # self.state was abstract: the restore is the only copy ever allocated.
+        latest, self.state, meta = found
         if meta.get("seed") != self.config.seed:
             raise config_lib.ConfigError(
                 f"config.seed={self.config.seed} but the checkpoint in {self.checkpointer.directory} "
                 f"was written with seed {meta.get('seed')}: use a new --workdir or the same seed"
             )
+        run_guards.check_resume_config(meta.get("config", {}), self.config,
+                                       f"checkpoint {latest} in {self.checkpointer.directory}")
         log.info("resumed from checkpoint at step %d", latest)
         return int(latest)
 
@@ -377,6 +390,7 @@ class Trainer:
         start = self.restore()
         logger = MetricsLogger(self.workdir, enabled=self.is_chief, truncate_after=start)
         nonfinite_streak = 0
+        signal_watch = run_guards.SignalWatch(self.reward.weights, cfg.train.max_steps_without_signal)
         t_start = time.perf_counter()
         try:
             with checkpoint.PreemptionFlag() as preempt:
@@ -401,23 +415,29 @@ class Trainer:
                     # SIGTERM (GPU schedulers) or JAX's preemption sync point (TPU
                     # maintenance events): every process checkpoints the same step.
                     stop = checkpoint.any_process(preempt.requested) or self.checkpointer.reached_preemption(done)
-                    self.checkpointer.save(done, self.state, self.meta(done), force=stop or done == cfg.total_steps)
-                    if self.params_checkpointer is not None:
+                    saved = self.save_checkpoint(done, force=stop or done == cfg.total_steps,
+                                                 nonfinite_streak=nonfinite_streak)
+                    if (self.params_checkpointer is not None and not nonfinite_streak
+                            and done % self.params_checkpointer.save_every == 0):
                         # What sample/eval/export serve: the EMA when ema.use.
                         self.params_checkpointer.save(
                             done, ema_lib.served_params(self.state, cfg), self.meta(done))
                     if self.is_chief:
                         _progress(done, cfg.total_steps, start, t_start, metrics)
-                    if nonfinite_streak > cfg.train.max_consecutive_nonfinite:
+                    if nonfinite_streak > cfg.train.max_consecutive_nonfinite or (
+                            nonfinite_streak and done == cfg.total_steps):
                         raise NonFiniteError(
-                            f"{nonfinite_streak} consecutive steps had non-finite losses/gradients "
-                            f"(limit config.train.max_consecutive_nonfinite="
-                            f"{cfg.train.max_consecutive_nonfinite}); lower optim.learning_rate or check "
-                            "the reward. The last good checkpoint is in "
-                            f"{self.checkpointer.directory}"
+                            f"{nonfinite_streak} consecutive steps up to step {done} had non-finite "
+                            f"losses/gradients (limit config.train.max_consecutive_nonfinite="
+                            f"{cfg.train.max_consecutive_nonfinite}; a run may not end in such a streak); "
+                            "nothing was checkpointed or exported during it. Lower optim.learning_rate or "
+                            "check the reward; the last good checkpoint is step "
+                            f"{self.checkpointer.latest_step()} in {self.checkpointer.directory}"
                         )
+                    signal_watch.update(metrics)
                     if stop:
-                        log.warning("stopping after step %d on preemption signal (checkpoint saved)", done)
+                        log.warning("stopping after step %d on preemption signal (%s)", done,
+                                    "checkpoint saved" if saved else "no checkpoint: non-finite streak")
                         return
             self.export_final()
             trend = reward_trend(read_metrics(self.workdir)) if self.is_chief else None
@@ -428,7 +448,8 @@ class Trainer:
             self.checkpointer.close()
             if self.params_checkpointer is not None:
                 self.params_checkpointer.close()
-
+            if self.lock is not None:
+                self.lock.release()
 
     def periodic_evaluator(self):
         """``evaluate.PeriodicEval`` when ``eval.every`` > 0, else None."""
@@ -445,11 +466,25 @@ class Trainer:
 
         return PeriodicEval(self.config)
 
+    def save_checkpoint(self, done: int, *, force: bool, nonfinite_streak: int) -> bool:
+        """Checkpoints at the configured interval (or ``force``), never a state inside a
+        non-finite streak: resuming from it would replay the streak."""
+        if not force and done % self.checkpointer.save_every:
+            return False
+        if nonfinite_streak or not run_guards.tree_all_finite(self.state["params"]):
+            log.warning("step %d: not checkpointing: the state is inside a non-finite streak "
+                        "(%d step(s)) or holds NaN/Inf", done, nonfinite_streak)
+            return False
+        return self.checkpointer.save(done, self.state, self.meta(done), force=force)
+
     def export_final(self) -> Path:
         """The trained transformer as a diffusers directory (drop-in ``transformer/``),
         in ``config.export.dtype`` (bf16 by default, as FLUX.1-dev ships)."""
         from prefgrpo_jax import export
 
+        if not run_guards.tree_all_finite(self.state["params"]):
+            raise NonFiniteError("the trained parameters hold NaN/Inf: not exporting them; the last "
+                                 f"good checkpoint is in {self.checkpointer.directory}")
         graphdef, _ = nnx.split(self.pipe.transformer)
         model = nnx.merge(graphdef, ema_lib.served_params(self.state, self.config))
         out = self.workdir / "export" / "transformer"

@@ -78,11 +78,22 @@ def test_truncated_file_is_named(tmp_path):
     save_file({"w": np.ones((64, 64), np.float32)}, str(path))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    with pytest.raises(lt.CorruptWeightsError, match=r"w\.safetensors is truncated"):
+    with pytest.raises(lt.WeightFileError, match=r"cannot read weights file .*w\.safetensors: its header needs"):
         lt.SafetensorsFile(path)
     path.write_bytes(b"\x05\x00")
-    with pytest.raises(lt.CorruptWeightsError, match=r"w\.safetensors"):
+    with pytest.raises(lt.WeightFileError, match=r"w\.safetensors: .*truncated or corrupt"):
         lt.SafetensorsFile(path)
+
+
+def test_non_finite_box_is_refused_naming_file_and_tensor(tmp_path):
+    w = np.ones((4, 4), np.float32)
+    w[3, 1] = np.nan
+    path = tmp_path / "w.safetensors"
+    save_file({"w": w}, str(path))
+    tensor = lt.SafetensorsFile(path).tensors["w"]
+    np.testing.assert_array_equal(tensor.read((slice(0, 2),)), w[:2])  # a clean slice reads
+    with pytest.raises(lt.WeightFileError, match=r"w\.safetensors holds non-finite.*\n  w \(2, 4\): 1 non-finite.*slice"):
+        lt.transpose(tensor, (1, 0)).read((slice(None), slice(2, 4)))
 
 
 def test_bad_shapes_rejected(file_tensors):

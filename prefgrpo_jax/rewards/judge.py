@@ -19,9 +19,14 @@ Differences from the reference client, all opt-in or purely defensive:
   judge's position bias (at twice the calls).
 * :meth:`VLMJudge.testpoint_scores` asks the same server UniGenBench-style
   yes/no questions about single images (``--mode=eval`` with a real model).
-* bounded concurrency, per-request timeouts, retries with exponential backoff
-  on connection errors / timeouts / HTTP 429 / 5xx, and counters
-  (:class:`JudgeStats`) so that failures are visible instead of silent.
+* bounded concurrency, retries with exponential backoff on connection errors
+  / timeouts / HTTP 429 / 5xx, and counters (:class:`JudgeStats`) so that
+  failures are visible instead of silent.
+* wall-clock deadlines: ``timeout_s`` bounds one whole attempt (connect, send,
+  the complete reply) and ``deadline_s`` one judgment with all its retries and
+  backoff, so a server trickling a byte at a time cannot stall a step.
+* redirects are never followed: the API key goes to the configured origin
+  only; a 3xx is a non-retried failure naming where the server pointed.
 * if *every* request of a call fails, :class:`JudgeUnavailableError` is raised:
   an unreachable judge must not silently turn into all-0.5 rewards.
 
@@ -38,6 +43,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -108,9 +114,15 @@ _IMG1_RE = re.compile(r"\bimage\s*1\s+is\s+better\b", re.IGNORECASE)
 _IMG2_RE = re.compile(r"\bimage\s*2\s+is\s+better\b", re.IGNORECASE)
 _TESTPOINT_RE = re.compile(r"^\W*(\d+)\s*[:.)\-]\s*\**\s*(yes|no)\b", re.IGNORECASE | re.MULTILINE)
 
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BEARER_RE = re.compile(r"Bearer\s+\S+", re.IGNORECASE)
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _MAX_RETRY_AFTER_S = 30.0
+
+
+def is_env_var_name(value) -> bool:
+    """True for a plausible environment variable name (what ``api_key_env`` must hold)."""
+    return isinstance(value, str) and _ENV_NAME_RE.fullmatch(value) is not None
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -209,6 +221,78 @@ def encode_image_data_url(image: np.ndarray, image_format: str = "jpeg", quality
     return f"data:image/{image_format};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class _Watch:
+    """One attempt's sockets, shut down by a timer when its deadline passes.
+
+    A socket timeout bounds each ``recv`` only; shutting the socket down from
+    the timer thread wakes the blocked read, so the attempt ends on time
+    however slowly the server trickles bytes.
+    """
+
+    def __init__(self):
+        self.expired = False
+        self._sockets: list = []
+        self._lock = threading.Lock()
+
+    def add(self, sock) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            expired = self.expired
+        if expired:
+            _shutdown(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+
+def _shutdown(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+_current_watch = threading.local()  # the calling thread's _Watch (urllib opens in that thread)
+
+
+def _watched(connection_cls):
+    class Watched(connection_cls):
+        def connect(self):
+            super().connect()
+            watch = getattr(_current_watch, "watch", None)
+            if watch is not None:
+                watch.add(self.sock)
+
+    Watched.__name__ = f"Watched{connection_cls.__name__}"
+    return Watched
+
+
+_WatchedHTTP = _watched(http.client.HTTPConnection)
+_WatchedHTTPS = _watched(http.client.HTTPSConnection)
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_WatchedHTTP, req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_WatchedHTTPS, req, context=self._context)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Turns every 3xx into an HTTPError: following one would send the
+    ``Authorization`` header to whatever host the server names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
 class _Failure(Exception):
     def __init__(self, reason: str, retriable: bool, retry_after: Optional[float] = None):
         super().__init__(reason)
@@ -225,11 +309,14 @@ class VLMJudge:
         ``{base_url}/v1/chat/completions``.
       model: model name as served.
       api_key_env: name of an environment variable holding the API key, read
-        once here and sent as ``Authorization: Bearer ...``; None sends none.
+        once here and sent as ``Authorization: Bearer ...``; None or "" sends none.
       max_concurrency: most requests in flight at once.
-      timeout_s: per-request socket timeout (connect and each read).
+      timeout_s: wall-clock limit of one attempt: connecting, sending and
+        reading the complete reply (not just each socket read).
       retries: extra attempts after a connection error, a timeout, HTTP 429 or
-        5xx; other 4xx errors are not retried.
+        5xx; other 4xx errors and redirects are not retried.
+      deadline_s: wall-clock limit of one judgment, retries and backoff
+        included; None = ``(retries + 1) * timeout_s``.
       backoff_s: sleep before retry k (k = 0, 1, ...) is ``backoff_s * 2**k``
         (or a server's Retry-After, at most 30 s, if larger).
       debias: also judge every pair with the images swapped and average.
@@ -254,6 +341,7 @@ class VLMJudge:
         max_concurrency: int = 8,
         timeout_s: float = 60.0,
         retries: int = 3,
+        deadline_s: Optional[float] = None,
         backoff_s: float = 1.0,
         debias: bool = False,
         max_tokens: int = 4096,
@@ -278,6 +366,8 @@ class VLMJudge:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if int(retries) < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
+        if deadline_s is not None and not float(deadline_s) > 0:
+            raise ValueError(f"deadline_s must be > 0 or None, got {deadline_s}")
         if not float(backoff_s) >= 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if int(max_tokens) < 1:
@@ -300,10 +390,12 @@ class VLMJudge:
         self.base_url = base_url
         self.url = base_url + "/v1/chat/completions"
         self.model = model
-        self.api_key_env = api_key_env
         self.max_concurrency = int(max_concurrency)
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
+        self.deadline_s = (
+            float(deadline_s) if deadline_s is not None else (self.retries + 1) * self.timeout_s
+        )
         self.backoff_s = float(backoff_s)
         self.debias = bool(debias)
         self.max_tokens = int(max_tokens)
@@ -314,7 +406,14 @@ class VLMJudge:
         self.jpeg_quality = int(jpeg_quality)
 
         self._api_key: Optional[str] = None
-        if api_key_env is not None:
+        if api_key_env and not is_env_var_name(api_key_env):
+            # Most likely the key itself, pasted in the wrong place: never echo it.
+            raise ValueError(
+                f"api_key_env must be the name of an environment variable (letters, digits, _), not "
+                f"the key itself; got a value of {len(str(api_key_env))} characters (not shown)"
+            )
+        self.api_key_env = api_key_env or None  # "" (a config's "no key") means none
+        if self.api_key_env is not None:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ValueError(
@@ -322,7 +421,7 @@ class VLMJudge:
                 )
             self._api_key = key
 
-        handlers = []
+        handlers = [_NoRedirect(), _WatchedHTTPHandler(), _WatchedHTTPSHandler()]
         if (parsed.hostname or "") in _LOOPBACK_HOSTS:
             handlers.append(urllib.request.ProxyHandler({}))  # never proxy a local judge
         self._opener = urllib.request.build_opener(*handlers)
@@ -340,7 +439,8 @@ class VLMJudge:
         return (
             f"VLMJudge(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency}, "
-            f"timeout_s={self.timeout_s}, retries={self.retries}, backoff_s={self.backoff_s}, "
+            f"timeout_s={self.timeout_s}, retries={self.retries}, deadline_s={self.deadline_s}, "
+            f"backoff_s={self.backoff_s}, "
             f"debias={self.debias}, max_tokens={self.max_tokens}, temperature={self.temperature})"
         )
 
@@ -430,14 +530,38 @@ class VLMJudge:
         }
         return json.dumps(body).encode("utf-8")
 
-    def _post_once(self, data: bytes) -> str:
+    def _post_once(self, data: bytes, budget_s: float) -> str:
+        """One POST that ends, reply read or not, within ``budget_s`` seconds."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        watch = _Watch()
+        timer = threading.Timer(budget_s, watch.expire)
+        timer.daemon = True
+        _current_watch.watch = watch
+        timer.start()
         try:
-            with self._opener.open(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
+            raw = self._open_and_read(req, budget_s)
+        except _Failure:
+            if watch.expired:
+                raise self._expired(budget_s) from None
+            raise
+        finally:
+            timer.cancel()
+            _current_watch.watch = None
+        if watch.expired:  # a reply cut off by the shutdown can look complete
+            raise self._expired(budget_s)
+        return self._content(raw)
+
+    def _expired(self, budget_s: float) -> "_Failure":
+        return _Failure(f"timed out: no complete reply within {budget_s:.3g} s (timeout_s="
+                        f"{self.timeout_s:g}, deadline_s={self.deadline_s:g})", retriable=True)
+
+    def _open_and_read(self, req: urllib.request.Request, budget_s: float) -> bytes:
+        try:
+            with self._opener.open(req, timeout=budget_s) as resp:
+                return resp.read()
         except urllib.error.HTTPError as e:
             code = e.code
             try:
@@ -446,6 +570,12 @@ class VLMJudge:
                 detail = ""
             finally:
                 e.close()
+            if 300 <= code < 400:
+                target = urllib.parse.urlsplit(urllib.parse.urljoin(self.url, e.headers.get("Location", "")))
+                raise _Failure(
+                    f"HTTP {code} redirect to {target.scheme}://{target.netloc}{target.path}, not "
+                    "followed (the API key must not leave the configured server): set base_url to "
+                    "the address the judge is served at", retriable=False)
             retry_after = None
             if code == 429:
                 try:
@@ -463,6 +593,8 @@ class VLMJudge:
             raise _Failure(f"timed out (timeout_s={self.timeout_s:g}): {e}", retriable=True)
         except (OSError, http.client.HTTPException) as e:  # resets, refusals, bad status lines
             raise _Failure(f"{type(e).__name__}: {e}", retriable=True)
+
+    def _content(self, raw: bytes) -> str:
         try:
             obj = json.loads(raw.decode("utf-8"))
             content = obj["choices"][0]["message"]["content"]
@@ -482,16 +614,24 @@ class VLMJudge:
         return content
 
     def _request(self, data: bytes, where: str) -> tuple[Optional[str], Optional[str]]:
-        """(reply text, None), or (None, reason) after a failure (counted and logged)."""
+        """(reply text, None), or (None, reason) after a failure (counted and logged).
+
+        Every attempt and backoff fits in ``deadline_s`` from the first attempt."""
         attempt = 0
+        end = time.monotonic() + self.deadline_s
         while True:
             try:
-                return self._post_once(data), None
+                budget = min(self.timeout_s, end - time.monotonic())
+                if budget <= 0:
+                    raise _Failure(f"deadline_s={self.deadline_s:g} passed before attempt {attempt + 1}",
+                                   retriable=False)
+                return self._post_once(data, budget), None
             except _Failure as f:
-                if f.retriable and attempt < self.retries:
-                    delay = self.backoff_s * (2.0 ** attempt)
-                    if f.retry_after is not None and f.retry_after > delay:
-                        delay = min(f.retry_after, _MAX_RETRY_AFTER_S)
+                delay = self.backoff_s * (2.0 ** attempt)
+                if f.retry_after is not None and f.retry_after > delay:
+                    delay = min(f.retry_after, _MAX_RETRY_AFTER_S)
+                # A retry is worth starting only if it has time left after its backoff.
+                if f.retriable and attempt < self.retries and time.monotonic() + delay < end:
                     logger.debug("judge %s: %s; retry %d/%d in %.2fs", where,
                                  self._redact(f.reason), attempt + 1, self.retries, delay)
                     self._bump(retried=1)

@@ -76,6 +76,9 @@ class RewardSource:
     name: str
     kind: str
     fn: Callable[[Sequence[str], Any], Any]
+    # Cumulative request counters (``requests``, ``failed``, ``retried``,
+    # ``unparseable``) of sources that call a server; the trainer logs per-step deltas.
+    counters: Callable[[], Mapping[str, float]] | None = None
 
     def __post_init__(self):
         if self.kind not in (PAIRWISE, POINTWISE):
@@ -288,7 +291,7 @@ def _vlm_judge_factory(*, judge: Any = None, name: str = "vlm_judge", **judge_kw
     elif judge_kwargs:
         raise ValueError(f"{name}: give judge= or VLMJudge keywords, not both")
     return RewardSource(name, PAIRWISE, lambda prompts, images: judge.preference_matrix(
-        list(prompts), np.asarray(images, np.float32)))
+        list(prompts), np.asarray(images, np.float32)), counters=lambda: judge.stats.as_dict())
 
 
 def _clip_factory(*, path: str | None = None, model: Any = None, tokenizer: Any = None,
@@ -357,6 +360,19 @@ def register_reward(name: str, factory: Callable[..., RewardSource], *,
     reg[name] = factory
 
 
+def option_problems(name: str, options: Mapping[str, Any]) -> list[str]:
+    """Option keywords of reward ``name`` that its factory cannot take (unknown or
+    missing required ones), as config error lines; checked before any model loads."""
+    import inspect
+
+    try:
+        inspect.signature(REWARD_FACTORIES[name]).bind(**_as_dict(options))
+    except TypeError as err:
+        return [f"config.reward.options.{name}={_as_dict(options)!r}: {err} (the keyword options of "
+                f"reward {name!r})"]
+    return []
+
+
 def known_rewards(factories: Mapping[str, Any] | None = None) -> list[str]:
     return sorted(REWARD_FACTORIES if factories is None else factories)
 
@@ -416,7 +432,11 @@ def build_reward_mix(
         raise ValueError(f"all reward weights are 0 in {spec}")
     sources = {}
     for k in spec:
-        src = reg[k](**opts.get(k, {}))
+        try:
+            src = reg[k](**opts.get(k, {}))
+        except TypeError as err:  # missing or unknown option keywords
+            raise ValueError(f"reward {k!r}: its options (config.reward.options.{k}) do not fit: "
+                             f"{err}") from None
         if not isinstance(src, RewardSource):
             raise TypeError(f"factory of reward {k!r} returned {type(src).__name__}, "
                             "not a RewardSource")

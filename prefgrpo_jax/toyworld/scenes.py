@@ -214,6 +214,14 @@ _PLURAL = {s + "s": s for s in SHAPES}
 _WORD_NUMBERS = {w: n for n, w in NUMBERS.items()}
 
 
+def _short(text: str, limit: int = 120) -> str:
+    """``repr(text)``, cut in the middle past ``limit`` characters: an error about a
+    100k-character prompt must not paste it into the log."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[: limit // 2]) + f" ... ({len(text)} characters) ... " + repr(text[-limit // 2:])
+
+
 def _parse_object(words: list[str], text: str) -> ObjectSpec:
     """``[size] [colour] shape`` -> ObjectSpec (singular only)."""
     size = colour = None
@@ -223,7 +231,7 @@ def _parse_object(words: list[str], text: str) -> ObjectSpec:
     if rest and rest[0] in COLOURS:
         colour = rest.pop(0)
     if len(rest) != 1 or rest[0] not in SHAPES:
-        raise ValueError(f"cannot parse object {' '.join(words)!r} in prompt {text!r}")
+        raise ValueError(f"cannot parse object {_short(' '.join(words))} in prompt {_short(text)}")
     return ObjectSpec(rest[0], colour, size)
 
 
@@ -241,17 +249,17 @@ def parse_prompt(text: str) -> PromptSpec:
     if words[0] in _WORD_NUMBERS:  # count: NUMBER COLOUR SHAPE(s)
         n = _WORD_NUMBERS[words[0]]
         if len(words) != 3 or words[1] not in COLOURS:
-            raise ValueError(f"cannot parse count prompt {text!r}")
+            raise ValueError(f"cannot parse count prompt {_short(text)}")
         shape = words[2] if n == 1 else _PLURAL.get(words[2])
         if shape not in SHAPES:
-            raise ValueError(f"cannot parse count prompt {text!r}")
+            raise ValueError(f"cannot parse count prompt {_short(text)}")
         return make_prompt("count", (ObjectSpec(shape, words[1]),), count=n)
     if words[0] != "a":
-        raise ValueError(f"cannot parse prompt {text!r}")
+        raise ValueError(f"cannot parse prompt {_short(text)}")
     if "and" in words:
         i = words.index("and")
         if i + 1 >= len(words) or words[i + 1] != "a":
-            raise ValueError(f"cannot parse binding prompt {text!r}")
+            raise ValueError(f"cannot parse binding prompt {_short(text)}")
         a = _parse_object(words[1:i], text)
         b = _parse_object(words[i + 2 :], text)
         return make_prompt("binding", (a, b))
