@@ -154,10 +154,19 @@ class Checkpointer:
         ``<directory>_unreadable/`` so the resumed run can save those steps
         again. Raises CheckpointUnreadableError listing every failure if none reads.
         """
+        found = self._newest_readable(lambda step: self.restore(state_like, step), set_aside=set_aside)
+        return None if found is None else (found[0], *found[1])
+
+    def restore_params_newest_readable(self, like: Any, *, subtree: str = "params") -> tuple[int, Any] | None:
+        """``(step, params)`` of the newest checkpoint whose params restore (``restore_params``),
+        skipping unreadable ones as ``restore_newest_readable`` does; never moves anything."""
+        return self._newest_readable(lambda step: self.restore_params(like, step, subtree=subtree))
+
+    def _newest_readable(self, restore: Any, *, set_aside: bool = False) -> tuple[int, Any] | None:
         failures, skipped = [], []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                state, meta = self.restore(state_like, step)
+                restored = restore(step)
             except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
                 reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 failures.append(f"step {step} ({self.directory / str(step)}): {reason}")
@@ -175,7 +184,7 @@ class Checkpointer:
                 self._manager.reload()
                 log.warning("moved the unreadable checkpoint(s) %s to %s (delete them once diagnosed)",
                             skipped, aside)
-            return step, state, meta
+            return step, restored
         if failures:
             raise CheckpointUnreadableError(
                 f"no checkpoint in {self.directory} could be read:\n  " + "\n  ".join(failures)

@@ -90,12 +90,13 @@ class SignalWatch:
 # total_steps, keep_checkpoints, mesh, sharding, distributed, eval, sample)
 # may change on resume.
 EXPERIMENT_FIELDS = (
-    "model.path", "model.dtype", "data.prompts", "train", "optim", "reward.spec", "reward.options",
+    "model.path", "model.dtype", "model.compute_dtype", "data.prompts", "train", "optim", "reward.spec",
+    "reward.options",
 )
 # Inside those, fields that only change how the same computation is carried
 # out (memory layout, stop policies) or where a reward server is reached.
 HARMLESS_FIELDS = (
-    "train.grad_accum", "train.timestep_chunk", "train.max_consecutive_nonfinite",
+    "train.micro_batches", "train.timestep_chunk", "train.max_consecutive_nonfinite",
     "train.max_steps_without_signal",
 )
 HARMLESS_OPTIONS = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "deadline_s", "retries", "backoff_s")

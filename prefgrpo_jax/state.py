@@ -107,23 +107,20 @@ def copy_params(params: Any, shardings: Any) -> Any:
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
 
 
-def newest_params_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path
-                             ) -> tuple[int, checkpoint.Checkpointer] | None:
-    """The newest checkpoint of either kind (full state or params-only), open; or None."""
-    best = None
+def _params_checkpointers(config: ml_collections.ConfigDict, workdir: str | Path
+                          ) -> list[checkpoint.Checkpointer]:
+    """Open checkpointers of both kinds (full state, params-only) that hold a step, newest first."""
+    found = []
     for kind in checkpoint.KINDS:
         directory = Path(workdir) / checkpoint.DIRECTORIES[kind]
         if not directory.is_dir():
             continue
         ckpt = checkpoint.Checkpointer(directory, keep=config.keep_checkpoints, save_every=1, kind=kind)
-        step = ckpt.latest_step()
-        if step is not None and (best is None or step > best[0]):
-            if best is not None:
-                best[1].close()
-            best = (step, ckpt)
-        else:
+        if ckpt.latest_step() is None:
             ckpt.close()
-    return best
+        else:
+            found.append(ckpt)
+    return sorted(found, key=lambda c: c.latest_step(), reverse=True)
 
 
 def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -135,19 +132,26 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
     ``config.model.dtype``.
     """
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
-    newest = newest_params_checkpoint(config, workdir)
-    if newest is None:
+    checkpointers = _params_checkpointers(config, workdir)
+    if not checkpointers:
         return load_pipeline(config, mesh), None
-    step, ckpt = newest
     pipe = load_pipeline(config, mesh, load_transformer=False)
     _, abstract = nnx.split(pipe.transformer)
     target = with_shardings(abstract, tree_shardings(abstract, config, mesh))
-    # Full-state checkpoints hold the EMA beside the params; params-only ones
-    # hold what was served (the EMA when ema.use) as their params.
-    subtree = "ema" if ckpt.kind == "state" and config.get("ema", {}).get("use", False) else "params"
+    found = None
     try:
-        params = ckpt.restore_params(target, step, subtree=subtree)
+        for ckpt in checkpointers:
+            # Full-state checkpoints hold the EMA beside the params; params-only
+            # ones hold what was served (the EMA when ema.use) as their params.
+            subtree = "ema" if ckpt.kind == "state" and config.get("ema", {}).get("use", False) else "params"
+            found = ckpt.restore_params_newest_readable(target, subtree=subtree)
+            if found is not None:
+                log.info("restored the transformer of step %d from %s", found[0], ckpt.directory)
+                break
     finally:
-        ckpt.close()
-    log.info("restored the transformer of step %d from %s", step, ckpt.directory)
+        for ckpt in checkpointers:
+            ckpt.close()
+    if found is None:
+        return load_pipeline(config, mesh), None
+    step, params = found
     return pipe.with_transformer_params(params), step

@@ -52,7 +52,7 @@ def test_config_changes_split_experiment_from_harmless():
     c.train.num_steps = 10
     c.reward.spec = {"vlm_judge": 0.5, "clip": 0.5}
     c.log_every = 5
-    c.train.grad_accum = 2
+    c.train.micro_batches = 2
     c.total_steps = 1000
     experiment, other = run_guards.config_changes(saved, c.to_dict())
     assert experiment == [
@@ -62,7 +62,7 @@ def test_config_changes_split_experiment_from_harmless():
         "train.group_size: 8 -> 4",
         "train.num_steps: 25 -> 10",
     ]
-    assert other == ["log_every: 1 -> 5", "total_steps: 320 -> 1000", "train.grad_accum: 4 -> 2"]
+    assert other == ["log_every: 1 -> 5", "total_steps: 320 -> 1000", "train.micro_batches: 4 -> 2"]
 
 
 def test_resume_config_refused_unless_allowed(caplog):

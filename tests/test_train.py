@@ -106,7 +106,7 @@ def test_unknown_reward_and_batch_divisibility(tiny_config):
     c.train.prompts_per_step = 3
     c.train.group_size = 2
     c.mesh.fsdp = -1
-    with pytest.raises(config_lib.ConfigError, match="prompts_per_step x group_size / updates_per_rollout = 3 samples per update must be divisible by the data-parallel size 4"):
+    with pytest.raises(config_lib.ConfigError, match=r"prompts_per_step=3: x group_size 2 / updates_per_rollout 2 = 3 samples per update, not divisible by the 4 data-parallel devices .* use a multiple of 4"):
         config_lib.validate(c, num_devices=4)
     c = tiny_config()
     c.mesh.data = 3

@@ -70,7 +70,9 @@ def test_train_checks_workdir_lock_and_writability_before_loading(tmp_path, monk
     import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards)
     from test_train import load_tiny_config
 
-    monkeypatch.setattr(train, "load_pipeline", _no_model_load)
+    from prefgrpo_jax import state as state_lib
+
+    monkeypatch.setattr(state_lib, "load_pipeline", _no_model_load)
     config = load_tiny_config()
     (tmp_path / "busy").mkdir()
     holder = start_holder(tmp_path / "busy")
