@@ -1,18 +1,26 @@
 """model.attention: every implementation against the einsum reference.
 
-On the CPU: xla, chunked and splash (in Pallas' interpreter) equal einsum; the
-cuDNN and splash kernels lower for CUDA and TPU through ``jax.export``.
+On the CPU: xla, chunked and splash (in Pallas' interpreter, also sharded)
+equal einsum; the cuDNN and splash kernels lower for CUDA and TPU through
+``jax.export``.
 """
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from train_helpers import env
 
 from prefgrpo_jax import config as config_lib
 from prefgrpo_jax.models import flux
 
+REPO = Path(__file__).resolve().parent.parent
 # Sequence 200 (not a multiple of the chunk sizes below nor of splash's
 # 128-token tiles), 2 heads of 32: small enough for Pallas' interpreter.
 B, L, H, D = 2, 200, 2, 32
@@ -174,3 +182,18 @@ def test_splash_lowers_for_tpu():
     module = _export_fwd_bwd(flux.splash_attention, "tpu")
     assert "tpu_custom_call" in module  # Mosaic kernels, forward and backward
     assert module.count("tpu_custom_call") >= 2
+
+
+def test_splash_runs_sharded_in_a_shard_map():
+    # 4 simulated devices, batch over "fsdp" and heads over "tensor" (the
+    # trainer's activation rules). XLA cannot partition a Mosaic kernel: the
+    # bare kernel fails to lower for a 4-device TPU program, which is why
+    # splash_attention wraps it in a shard_map.
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "attention_probe.py")],
+                          env=env(devices=4), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["err"] < TOL[jnp.float32]
+    assert probe["out_spec"] == "P('fsdp', None, 'tensor')"
+    assert probe["wrapped"].startswith("lowered"), probe["wrapped"]
+    assert "cannot be automatically partitioned" in probe["bare"], probe["bare"]

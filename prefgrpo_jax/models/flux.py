@@ -51,7 +51,7 @@ from prefgrpo_jax.convert import (
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
-from prefgrpo_jax.sharding import constrain
+from prefgrpo_jax.sharding import constrain, logical_spec
 
 __all__ = [
     "FluxConfig",
@@ -403,11 +403,30 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      interpret: bool = False) -> jax.Array:
     """Pallas TPU splash attention, non-causal, vmapped over the batch.
 
-    The kernel wants heads-major ``[H, L, D]`` per example, unscaled scores and
+    Mosaic kernels cannot be partitioned by XLA, so under
+    ``sharding.activation_sharding`` the kernel runs in a ``shard_map`` over
+    the mesh axes the batch (and heads) map to: each device attends its own
+    rows over the full sequence, with no communication. ``interpret=True``
+    runs the kernel in Pallas' interpreter (any backend; tests).
+    """
+    local = functools.partial(_splash_local, interpret=interpret)
+    # The sequence axis is never split here: every query needs every key.
+    found = logical_spec(q.shape, ("batch", None, "heads", None))
+    if found is None:
+        return local(q, k, v)
+    mesh, spec = found
+    # check_vma=False: pallas_call has no varying-manual-axes rule.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
+    """:func:`splash_attention` on one device's ``[b, L, h, D]``.
+
+    The kernel wants heads-major ``[h, L, D]`` per example, unscaled scores and
     ``L`` a multiple of its block: ``q`` is pre-scaled by ``D**-0.5`` (in fp32),
     and a ragged ``L`` is padded to the block with the padding in a segment of
-    its own, so real queries never attend to padded keys. ``interpret=True``
-    runs the kernel in Pallas' interpreter (any backend; tests).
+    its own, so real queries never attend to padded keys.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
