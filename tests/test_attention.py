@@ -197,3 +197,18 @@ def test_splash_runs_sharded_in_a_shard_map():
     assert probe["out_spec"] == "P('fsdp', None, 'tensor')"
     assert probe["wrapped"].startswith("lowered"), probe["wrapped"]
     assert "cannot be automatically partitioned" in probe["bare"], probe["bare"]
+
+
+def test_config_reaches_the_loaded_transformer(tiny_flux_dir):
+    from prefgrpo_jax import plan
+    from prefgrpo_jax import state as state_lib
+
+    c = config_lib.base_config()
+    c.model.path = str(tiny_flux_dir)
+    c.model.attention, c.model.attention_chunk = "chunked", 5
+    for load in (True, False):
+        model = state_lib.load_pipeline(c, load_transformer=load).transformer
+        assert (model.attention, model.attention_chunk) == ("chunked", 5)
+    # The plan compiles on CPU devices: accelerator kernels are planned as chunked.
+    assert [plan._plan_attention(a) for a in ("auto", "einsum", "cudnn", "splash")] == [
+        "auto", "einsum", "chunked", "chunked"]
