@@ -10,6 +10,9 @@ parameters carry a leading layer axis (created with ``nnx.vmap``) and are
 applied with ``nnx.scan``, so compile time does not grow with depth;
 ``remat=True`` recomputes each block's activations in the backward pass
 (``remat_policy`` chooses what is kept: see :data:`REMAT_POLICIES`).
+``attention`` picks the joint-attention kernel per platform (cuDNN flash on
+GPU, Pallas splash on TPU, einsum or query-chunked einsum on CPU: see
+:data:`ATTENTION_IMPLS`).
 
 Call convention (BFL)::
 
@@ -301,7 +304,8 @@ def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 #   einsum  - heads-major fp32-score einsums: the reference, fastest on XLA CPU.
 #   xla     - ``jax.nn.dot_product_attention(implementation="xla")``.
 #   cudnn   - the same with cuDNN's fused flash attention (GPU; bf16/fp16 only).
-#   splash  - Pallas splash attention (TPU), vmapped over the batch.
+#   splash  - Pallas splash attention (TPU), vmapped over the batch, in a
+#             shard_map over the batch/heads mesh axes when sharded.
 #   chunked - the einsum math over query chunks: O(L x chunk) memory, not O(L^2).
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash", "chunked")
 _ATTENTION_BACKEND = {"cudnn": "gpu", "splash": "tpu"}  # kernels that run on one backend only
@@ -433,7 +437,7 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) 
         splash_attention_mask as splash_mask,
     )
 
-    b, length, h, d = q.shape
+    _, length, h, d = q.shape
     block = min(_SPLASH_BLOCK, _round_up(length, 128))
     padded = _round_up(length, block)
     q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
@@ -447,7 +451,7 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) 
         head_shards=1, q_seq_shards=1, interpret=interpret)
     segment = (jnp.arange(padded) >= length).astype(jnp.int32)
     segment_ids = splash.SegmentIds(q=segment, kv=segment)
-    out = jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=segment_ids))(qh, kh, vh)
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segment_ids))(qh, kh, vh)
     (out,) = _heads_major(out[:, :, :length])
     return out
 
