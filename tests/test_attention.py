@@ -151,18 +151,28 @@ def test_auto_resolution_and_errors_name_the_field():
 
 # FLUX.1-dev's attention: 512 text + 4096 image tokens, 24 heads of 128.
 _FLUX_QKV = jax.ShapeDtypeStruct((1, 4608, 24, 128), jnp.bfloat16)
+# cuDNN's custom calls carry no serialization-compatibility guarantee, so
+# jax.export refuses them unless told; these tests only lower, never store.
+_CUDNN_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
-def _export_fwd_bwd(fn, platform):
+def _export_fwd_bwd(fn, platform, qkv=_FLUX_QKV):
     """StableHLO text of ``fn``'s forward and backward lowered for ``platform``."""
     def fwd_bwd(q, k, v):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(out)
 
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform])(*[_FLUX_QKV] * 3)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(c) for c in _CUDNN_CALLS]
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)(
+        *[qkv] * 3)
     assert exported.platforms == (platform,)
-    assert exported.out_avals[0].shape == _FLUX_QKV.shape
+    assert exported.out_avals[0].shape == qkv.shape and exported.out_avals[0].dtype == qkv.dtype
     return exported.mlir_module()
+
+
+def _assert_cudnn_fused(module):
+    for call in _CUDNN_CALLS:  # the fused kernels, forward and backward, not a fallback
+        assert f"custom_call @{call}(" in module, call
 
 
 def test_cudnn_lowers_for_cuda():
@@ -174,7 +184,22 @@ def test_cudnn_lowers_for_cuda():
         # A CPU-only jaxlib has no CUDA plugin, and JAX asks it for the cuDNN
         # version while tracing, before any lowering.
         pytest.skip(f"this jaxlib cannot lower cuDNN attention for cuda: {e}")
-    assert "__cudnn$fmha" in module  # the fused kernel, not a fallback
+    _assert_cudnn_fused(module)
+
+
+def test_cudnn_lowers_for_cuda_given_a_cudnn_version(monkeypatch):
+    # The one thing a CPU-only jaxlib lacks is the cuDNN version query
+    # (cuDNN 9.10 stated here); shapes, layout, dtypes and JAX's own checks of
+    # them are real, so the wrapper is checked even without a CUDA plugin.
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    _assert_cudnn_fused(_export_fwd_bwd(flux.cudnn_attention, "cuda"))
+    # fp32 activations run the bf16 kernel and come back fp32.
+    fp32 = jax.ShapeDtypeStruct(_FLUX_QKV.shape, jnp.float32)
+    module = _export_fwd_bwd(flux.cudnn_attention, "cuda", fp32)
+    _assert_cudnn_fused(module)
+    assert "(tensor<1x4608x24x128xbf16>, tensor<1x4608x24x128xbf16>, tensor<1x4608x24x128xbf16>)" in module
 
 
 def test_splash_lowers_for_tpu():
