@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = base_config()
     c.model.path = "/path/to/FLUX.1-dev"
     c.model.compute_dtype = "bfloat16"  # autocast on fp32 master weights, as the reference
+    c.model.attention = "auto"  # cuDNN flash attention on GPU, Pallas splash on TPU
     c.data.prompts = "/path/to/UniGenBench/data/train_prompt.txt"  # the paper's training prompts
     # base_config() holds this recipe's training values: updates_per_rollout 2,
     # rationorm, adv_norm group, reward_image x0_pred. GDPO (--apply_gdpo) is

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from prefgrpo_jax import sampling, sharding
-from prefgrpo_jax.models.flux import REMAT_POLICIES
+from prefgrpo_jax.models.flux import ATTENTION_IMPLS, REMAT_POLICIES
 
 MODES = ("train", "sample", "eval", "plan")
 PLAN_PRESETS = ("", "flux1-dev")
@@ -115,6 +115,10 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("model.compute_dtype", config.model.get("compute_dtype", "float32") in DTYPES, f"must be one of {DTYPES}")
     check("model.remat_policy", config.model.get("remat_policy", REMAT_POLICIES[0]) in REMAT_POLICIES,
           f"must be one of {REMAT_POLICIES}")
+    check("model.attention", config.model.get("attention", "auto") in ATTENTION_IMPLS,
+          f"must be one of {ATTENTION_IMPLS}")
+    check("model.attention_chunk", int(config.model.get("attention_chunk", 512)) >= 1,
+          "must be >= 1 (queries per chunk of attention='chunked', e.g. 512)")
     path = Path(str(config.model.path)) if config.model.path else None
     plan = config.get("plan", ml_collections.ConfigDict({"preset": "", "devices": 8, "device_memory_gib": 80.0}))
     if not (mode == "plan" and plan.preset):
@@ -368,6 +372,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = "float32"
     c.model.remat = True
     c.model.remat_policy = "nothing_saveable"  # what remat keeps: see models/flux.py REMAT_POLICIES
+    # Transformer attention (models/flux.py ATTENTION_IMPLS): auto = cuDNN flash
+    # on GPU, Pallas splash on TPU, einsum on CPU; chunked bounds memory on CPU.
+    c.model.attention = "auto"
+    c.model.attention_chunk = 512  # queries per chunk of attention="chunked"
 
     c.data = ml_collections.ConfigDict()
     c.data.prompts = ""  # .txt (one per line) or .jsonl ({"prompt": ..., "category": ...})

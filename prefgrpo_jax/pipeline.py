@@ -165,6 +165,8 @@ class FluxPipeline:
         *,
         remat: bool = False,
         remat_policy: str = "nothing_saveable",
+        attention: str = "einsum",
+        attention_chunk: int = 512,
         max_sequence_length: int = 512,
         shardings: convert.ShardingFn | None = None,
         transformer_dtype: jnp.dtype | None = None,
@@ -179,6 +181,8 @@ class FluxPipeline:
             memory for frozen parts, see the README for the numerics policy).
           remat: rematerialise transformer blocks in the backward pass.
           remat_policy: what ``remat`` keeps (``flux.REMAT_POLICIES``).
+          attention, attention_chunk: the transformer's attention implementation
+            (``flux.ATTENTION_IMPLS``) and the query chunk of ``chunked``.
           max_sequence_length: T5 tokens (512 for FLUX.1-dev).
           shardings: where each parameter of every component is born
             (``convert.build_model``); default: the default device.
@@ -211,11 +215,13 @@ class FluxPipeline:
         if load_transformer:
             transformer = flux.load_diffusers(root / "transformer", dtype=t_dtype, remat=remat,
                                               remat_policy=remat_policy, shardings=shardings,
-                                              compute_dtype=compute_dtype)
+                                              compute_dtype=compute_dtype, attention=attention,
+                                              attention_chunk=attention_chunk)
         else:
             transformer = flux.abstract_transformer(
                 flux.diffusers_config(root / "transformer")[0], dtype=t_dtype, remat=remat,
-                remat_policy=remat_policy, compute_dtype=compute_dtype)
+                remat_policy=remat_policy, compute_dtype=compute_dtype, attention=attention,
+                attention_chunk=attention_chunk)
         vae = autoencoder.load_diffusers(root / "vae", dtype=dtype, shardings=shardings)
         clip = text_encoders.load_clip_text(root / "text_encoder", dtype=dtype, shardings=shardings)
         t5 = text_encoders.load_t5(root / "text_encoder_2", dtype=dtype, shardings=shardings)

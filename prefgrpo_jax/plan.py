@@ -128,6 +128,16 @@ def build_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
         return _build_report(config, mesh)
 
 
+def _plan_attention(name: str) -> str:
+    """The attention the plan compiles: it runs on simulated CPU devices, where
+    cuDNN and splash kernels cannot lower, so those are planned as ``chunked``
+    (like them, O(L x block) memory instead of einsum's O(L^2))."""
+    if name in ("cudnn", "splash"):
+        log.info("plan: model.attention=%r has no CPU lowering; planning its memory with 'chunked'", name)
+        return "chunked"
+    return name
+
+
 def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     from prefgrpo_jax.train import build_optimizer, grpo_config, sampler_config
 
@@ -139,7 +149,9 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     # Policy: fp32 master weights, the trainer's shardings.
     transformer = flux.abstract_transformer(
         cfgs["transformer"], dtype=jnp.float32, remat=bool(config.model.remat),
-        remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype])
+        remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype],
+        attention=_plan_attention(config.model.get("attention", "auto")),
+        attention_chunk=int(config.model.get("attention_chunk", 512)))
     graphdef, params = nnx.split(transformer)
     optimizer = build_optimizer(config)
     abstract_state, state_shardings = state_lib.train_state_shardings(params, optimizer, config, mesh)

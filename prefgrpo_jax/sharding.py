@@ -102,19 +102,33 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     block); pinned to the batch, only weights are gathered. A dimension the
     mapped axes do not divide stays unconstrained.
     """
+    found = logical_spec(x.shape, logical)
+    if found is None:
+        return x
+    mesh, spec = found
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def logical_spec(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[Mesh, P] | None:
+    """The active :func:`activation_sharding`'s mesh and the spec the logical
+    axes of an array of ``shape`` map to (``None`` outside one).
+
+    A dimension the mapped axes do not divide is left unsharded. Used by
+    :func:`constrain`, and by kernels that must run under ``shard_map``.
+    """
     active = _ACTIVATIONS.get()
     if active is None:
-        return x
+        return None
     mesh, rules = active
-    if len(logical) != x.ndim:
-        raise ValueError(f"constrain: {len(logical)} logical axes for an array of shape {x.shape}")
+    if len(logical) != len(shape):
+        raise ValueError(f"{len(logical)} logical axes for an array of shape {tuple(shape)}")
     spec = []
-    for dim, name in zip(x.shape, logical):
+    for dim, name in zip(shape, logical):
         axes = rules.get(name) if name else None
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
         spec.append(axes if names and size > 1 and dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return mesh, P(*spec)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

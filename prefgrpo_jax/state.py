@@ -78,6 +78,8 @@ def load_pipeline(
         dtype=DTYPES[config.model.dtype],
         remat=bool(config.model.remat),
         remat_policy=config.model.remat_policy,
+        attention=config.model.get("attention", "auto"),
+        attention_chunk=int(config.model.get("attention_chunk", 512)),
         max_sequence_length=int(config.train.max_sequence_length),
         shardings=None if mesh is None else sharding_fn(config, mesh),
         transformer_dtype=transformer_dtype,

@@ -10,6 +10,9 @@ parameters carry a leading layer axis (created with ``nnx.vmap``) and are
 applied with ``nnx.scan``, so compile time does not grow with depth;
 ``remat=True`` recomputes each block's activations in the backward pass
 (``remat_policy`` chooses what is kept: see :data:`REMAT_POLICIES`).
+``attention`` picks the joint-attention kernel per platform (cuDNN flash on
+GPU, Pallas splash on TPU, einsum or query-chunked einsum on CPU: see
+:data:`ATTENTION_IMPLS`).
 
 Call convention (BFL)::
 
@@ -25,11 +28,12 @@ pooled CLIP, ``guidance [B]`` a raw scale such as 3.5 (embedded as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
@@ -50,7 +54,7 @@ from prefgrpo_jax.convert import (
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
-from prefgrpo_jax.sharding import constrain
+from prefgrpo_jax.sharding import constrain, logical_spec
 
 __all__ = [
     "FluxConfig",
@@ -294,20 +298,179 @@ def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array,
-               pe: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """Joint attention with RoPE; ``q, k, v [B, L, H, D]`` -> ``[B, L, H*D]``.
+# Attention implementations (``model.attention``). All take RoPE'd
+# ``q, k, v [B, L, H, D]`` and return ``[B, L, H, D]``; "auto" picks per backend
+# at trace time (:func:`resolve_attention`).
+#   einsum  - heads-major fp32-score einsums: the reference, fastest on XLA CPU.
+#   xla     - ``jax.nn.dot_product_attention(implementation="xla")``.
+#   cudnn   - the same with cuDNN's fused flash attention (GPU; bf16/fp16 only).
+#   splash  - Pallas splash attention (TPU), vmapped over the batch, in a
+#             shard_map over the batch/heads mesh axes when sharded.
+#   chunked - the einsum math over query chunks: O(L x chunk) memory, not O(L^2).
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash", "chunked")
+_ATTENTION_BACKEND = {"cudnn": "gpu", "splash": "tpu"}  # kernels that run on one backend only
+_AUTO_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}  # any other backend: einsum
+# Splash block size (queries and keys per kernel tile): 512 divides FLUX.1's
+# 512 text + 4096 image tokens, and larger tiles keep the TPU's MXU busier.
+_SPLASH_BLOCK = 512
 
-    Heads-major einsums rather than ``jax.nn.dot_product_attention``: the same
-    math, but XLA's CPU backend runs forward and backward 5-10% faster with the
-    head axis in front (interleaved A/B timing, benchmark model `medium`). Scores and softmax are
-    fp32 whatever the compute dtype.
+
+def check_attention(name: str, chunk: int) -> None:
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention implementation {name!r} (model.attention): use one of "
+                         f"{', '.join(ATTENTION_IMPLS)}.")
+    if chunk < 1:
+        raise ValueError(f"model.attention_chunk={chunk}: must be >= 1 (queries per chunk, e.g. 512).")
+
+
+def resolve_attention(name: str) -> str:
+    """The implementation ``name`` runs as on ``jax.default_backend()``.
+
+    ``auto`` -> cudnn on GPU, splash on TPU, einsum elsewhere. A platform kernel
+    asked for on another backend is an error here rather than an opaque one
+    from its lowering.
     """
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    backend = jax.default_backend()
+    if name == "auto":
+        return _AUTO_ATTENTION.get(backend, "einsum")
+    needs = _ATTENTION_BACKEND.get(name)
+    if needs is not None and backend != needs:
+        raise ValueError(
+            f"model.attention={name!r} runs only on {needs.upper()}, but JAX's backend is {backend!r}: "
+            "use 'auto' (picks per backend), 'einsum' or 'chunked'.")
+    return name
+
+
+def _softmax_attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Heads-major ``q [B, H, Lq, D]``, ``k, v [B, H, L, D]`` -> ``[B, H, Lq, D]``; fp32 scores."""
     scores = jnp.einsum("bhld,bhmd->bhlm", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * q.shape[-1] ** -0.5, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhlm,bhmd->bhld", probs, v).transpose(0, 2, 1, 3)
+    return jnp.einsum("bhlm,bhmd->bhld", probs, v)
+
+
+def _heads_major(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """``[B, L, H, D]`` <-> ``[B, H, L, D]`` (the swap is its own inverse)."""
+    return tuple(x.transpose(0, 2, 1, 3) for x in xs)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The reference. Heads-major rather than ``jax.nn.dot_product_attention``:
+    the same math, but XLA's CPU backend runs forward and backward 5-10% faster
+    with the head axis in front (interleaved A/B timing, benchmark model `medium`).
+    """
+    (out,) = _heads_major(_softmax_attend(*_heads_major(q, k, v)))
+    return out
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+    """:func:`einsum_attention` one chunk of ``chunk`` queries at a time.
+
+    Scores of one chunk (``[B, H, chunk, L]``) exist at a time, and each chunk is
+    rematerialised, so the backward pass keeps only the query chunks instead of
+    every chunk's probabilities: memory O(L x chunk) both ways. ``L`` need not
+    be a multiple of ``chunk``: queries are zero-padded and the padded rows
+    dropped (keys are not padded, so no mask is needed).
+    """
+    b, length, h, d = q.shape
+    if length <= chunk:
+        return einsum_attention(q, k, v)
+    n = -(-length // chunk)
+    qh, kh, vh = _heads_major(q, k, v)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n * chunk - length), (0, 0)))
+    chunks = jnp.moveaxis(qh.reshape(b, h, n, chunk, d), 2, 0)  # [n, B, H, chunk, D]
+    # prevent_cse=False: inside a loop CSE cannot merge the recomputation away.
+    attend = jax.checkpoint(lambda qc: _softmax_attend(qc, kh, vh), prevent_cse=False)
+    out = jnp.moveaxis(jax.lax.map(attend, chunks), 0, 2).reshape(b, h, n * chunk, d)
+    (out,) = _heads_major(out[:, :, :length])
+    return out
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``jax.nn.dot_product_attention``'s XLA path (fp32 scores and softmax)."""
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN fused flash attention; fp32 inputs run in bf16 (cuDNN has no fp32
+    kernel) and the output is cast back. Softmax statistics are fp32 in cuDNN."""
+    dtype = q.dtype
+    if dtype not in (jnp.bfloat16, jnp.float16):
+        q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(dtype)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+    """Pallas TPU splash attention, non-causal, vmapped over the batch.
+
+    Mosaic kernels cannot be partitioned by XLA, so under
+    ``sharding.activation_sharding`` the kernel runs in a ``shard_map`` over
+    the mesh axes the batch (and heads) map to: each device attends its own
+    rows over the full sequence, with no communication. ``interpret=True``
+    runs the kernel in Pallas' interpreter (any backend; tests).
+    """
+    local = functools.partial(_splash_local, interpret=interpret)
+    # The sequence axis is never split here: every query needs every key.
+    found = logical_spec(q.shape, ("batch", None, "heads", None))
+    if found is None:
+        return local(q, k, v)
+    mesh, spec = found
+    # check_vma=False: pallas_call has no varying-manual-axes rule.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool) -> jax.Array:
+    """:func:`splash_attention` on one device's ``[b, L, h, D]``.
+
+    The kernel wants heads-major ``[h, L, D]`` per example, unscaled scores and
+    ``L`` a multiple of its block: ``q`` is pre-scaled by ``D**-0.5`` (in fp32),
+    and a ragged ``L`` is padded to the block with the padding in a segment of
+    its own, so real queries never attend to padded keys.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+        splash_attention_mask as splash_mask,
+    )
+
+    _, length, h, d = q.shape
+    block = min(_SPLASH_BLOCK, _round_up(length, 128))
+    padded = _round_up(length, block)
+    q = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+    pad = ((0, 0), (0, 0), (0, padded - length), (0, 0))
+    qh, kh, vh = (jnp.pad(x, pad) for x in _heads_major(q, k, v))
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * h)
+    kernel = splash.make_splash_mha(
+        mask, block_sizes=splash.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    segment = (jnp.arange(padded) >= length).astype(jnp.int32)
+    segment_ids = splash.SegmentIds(q=segment, kv=segment)
+    out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1, segment_ids=segment_ids))(qh, kh, vh)
+    (out,) = _heads_major(out[:, :, :length])
+    return out
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax.Array],
+              impl: str = "einsum", chunk: int = 512) -> jax.Array:
+    """Joint attention with RoPE; ``q, k, v [B, L, H, D]`` -> ``[B, L, H*D]``.
+
+    ``impl`` is one of :data:`ATTENTION_IMPLS` (``auto`` resolved for the
+    current backend); ``chunk`` is the query chunk of ``chunked``.
+    """
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    impl = resolve_attention(impl)
+    if impl == "chunked":
+        out = chunked_attention(q, k, v, chunk)
+    else:
+        fns = {"einsum": einsum_attention, "xla": xla_attention, "cudnn": cudnn_attention,
+               "splash": splash_attention}
+        out = fns[impl](q, k, v)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -416,7 +579,8 @@ class DoubleStreamBlock(nnx.Module):
         self.txt_mlp = _mlp(cfg, **kw)
 
     def __call__(self, img: jax.Array, txt: jax.Array, vec: jax.Array,
-                 pe: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+                 pe: tuple[jax.Array, jax.Array], attend: Callable[..., jax.Array]
+                 ) -> tuple[jax.Array, jax.Array]:
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
@@ -428,7 +592,7 @@ class DoubleStreamBlock(nnx.Module):
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
         v = jnp.concatenate([txt_v, img_v], axis=1)
-        attn = _attention(q, k, v, pe)
+        attn = attend(q, k, v, pe)
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
@@ -452,8 +616,8 @@ class SingleStreamBlock(nnx.Module):
         self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
         self.modulation = Modulation(h, double=False, **kw)
 
-    def __call__(self, x: jax.Array, vec: jax.Array,
-                 pe: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, vec: jax.Array, pe: tuple[jax.Array, jax.Array],
+                 attend: Callable[..., jax.Array]) -> jax.Array:
         shift, scale, gate = self.modulation(vec)
         x_mod = (1 + scale) * _layer_norm(x) + shift
         h1 = self.linear1(x_mod)
@@ -461,7 +625,7 @@ class SingleStreamBlock(nnx.Module):
         q, k, v = (a.reshape(*a.shape[:2], self.num_heads, -1)
                    for a in jnp.split(qkv, 3, axis=-1))
         q, k = self.norm(q, k)
-        attn = _attention(q, k, v, pe)
+        attn = attend(q, k, v, pe)
         out = self.linear2(jnp.concatenate([attn, nnx.gelu(mlp, approximate=True)], axis=-1))
         return x + gate * out
 
@@ -494,16 +658,22 @@ class FluxTransformer(nnx.Module):
       remat: recompute each block's activations in the backward pass.
       remat_policy: with ``remat``, which activations are kept (one of
         :data:`REMAT_POLICIES`).
+      attention: the attention implementation (one of :data:`ATTENTION_IMPLS`).
+      attention_chunk: queries per chunk of ``attention="chunked"``.
     """
 
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False,
-                 remat_policy: str = "nothing_saveable"):
+                 remat_policy: str = "nothing_saveable", attention: str = "einsum",
+                 attention_chunk: int = 512):
         check_remat_policy(remat_policy)
+        check_attention(attention, attention_chunk)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.remat_policy = remat_policy
+        self.attention = attention
+        self.attention_chunk = attention_chunk
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         h = cfg.hidden_size
         self.img_in = _linear(cfg.in_channels, h, rngs=rngs, **kw)
@@ -565,12 +735,14 @@ class FluxTransformer(nnx.Module):
         pe = rope_frequencies(jnp.concatenate([txt_ids, img_ids], axis=1), cfg.axes_dim,
                               cfg.theta)
 
+        attend = functools.partial(attention, impl=self.attention, chunk=self.attention_chunk)
+
         def double_body(carry, block: DoubleStreamBlock):
-            img_out, txt_out = block(carry[0], carry[1], vec, pe)
+            img_out, txt_out = block(carry[0], carry[1], vec, pe, attend)
             return constrain(img_out, tokens), constrain(txt_out, tokens)
 
         def single_body(carry, block: SingleStreamBlock):
-            return constrain(block(carry, vec, pe), tokens)
+            return constrain(block(carry, vec, pe, attend), tokens)
 
         if self.remat:
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
@@ -722,19 +894,23 @@ def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
 # Loading.
 
 
-def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool, remat_policy: str):
+def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool, remat_policy: str,
+             attention: str, attention_chunk: int):
     param_dtype = jnp.float32 if dtype is None else dtype
     return lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
                                    param_dtype=param_dtype, remat=remat,
-                                   remat_policy=remat_policy)
+                                   remat_policy=remat_policy, attention=attention,
+                                   attention_chunk=attention_chunk)
 
 
 def abstract_transformer(
     cfg: FluxConfig, *, dtype: jnp.dtype | None = None, compute_dtype: jnp.dtype = jnp.float32,
-    remat: bool = False, remat_policy: str = "nothing_saveable",
+    remat: bool = False, remat_policy: str = "nothing_saveable", attention: str = "einsum",
+    attention_chunk: int = 512,
 ) -> FluxTransformer:
     """The model with ``ShapeDtypeStruct`` parameters: its graph and shapes, no memory."""
-    return nnx.eval_shape(_factory(cfg, dtype, compute_dtype, remat, remat_policy))
+    return nnx.eval_shape(_factory(cfg, dtype, compute_dtype, remat, remat_policy, attention,
+                                   attention_chunk))
 
 
 def diffusers_config(path: str | Path) -> tuple[FluxConfig, Path]:
@@ -757,6 +933,8 @@ def load_diffusers(
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
     remat_policy: str = "nothing_saveable",
+    attention: str = "einsum",
+    attention_chunk: int = 512,
     shardings: ShardingFn | None = None,
 ) -> FluxTransformer:
     """Loads a diffusers ``FluxTransformer2DModel`` directory.
@@ -768,6 +946,8 @@ def load_diffusers(
       compute_dtype: activation / output dtype.
       remat: rematerialise blocks in the backward pass.
       remat_policy: what ``remat`` keeps (:data:`REMAT_POLICIES`).
+      attention, attention_chunk: the attention implementation
+        (:data:`ATTENTION_IMPLS`) and the query chunk of ``chunked``.
       shardings: where each parameter is born (``convert.build_model``): each
         device's slice is read from the files straight into its sharding.
 
@@ -777,7 +957,8 @@ def load_diffusers(
     """
     cfg, path = diffusers_config(path)
     tensors = open_safetensors(path)
-    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy),
+    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy, attention,
+                               attention_chunk),
                       lambda src: map_diffusers(src, cfg), tensors,
                       origin=f"diffusers checkpoint {path}", dtype=dtype, shardings=shardings)
 
@@ -793,6 +974,8 @@ def load_bfl(
     compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
     remat_policy: str = "nothing_saveable",
+    attention: str = "einsum",
+    attention_chunk: int = 512,
 ) -> FluxTransformer:
     """Loads an original BFL single-file checkpoint (e.g. ``flux1-dev.safetensors``).
 
@@ -808,6 +991,7 @@ def load_bfl(
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
             break
-    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy),
+    return load_model(_factory(cfg, dtype, compute_dtype, remat, remat_policy, attention,
+                               attention_chunk),
                       lambda src: map_bfl(src, cfg), tensors,
                       origin=f"BFL checkpoint {file}", dtype=dtype)
