@@ -10,8 +10,8 @@ whether every leaf was born with its final sharding.
 """
 
 import json
-import resource
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,17 @@ from prefgrpo_jax.config import base_config
 from prefgrpo_jax.models import flux
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so
+    the imports' own peak does not hide what loading needs."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(kind: str, flux_dir: str) -> None:
@@ -35,7 +44,8 @@ def main(kind: str, flux_dir: str) -> None:
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     optimizer = optax.adamw(1e-4)
     jnp.zeros(()).block_until_ready()  # the backend is up before the baseline
-    baseline = peak_rss_bytes()
+    reset_peak_rss()
+    baseline = rss_bytes("VmRSS")
     out: dict = {"devices": jax.device_count()}
     if kind == "sharded":
         model = flux.load_diffusers(flux_dir, dtype=jnp.float32, shardings=state_lib.sharding_fn(config, mesh))
@@ -60,7 +70,7 @@ def main(kind: str, flux_dir: str) -> None:
         state = jax.device_put(state, state_lib.tree_shardings(state, config, mesh))
     jax.block_until_ready(state)
     out["params_fp32_bytes"] = int(sum(a.size * 4 for a in jax.tree.leaves(state["params"])))
-    out["rss_growth_bytes"] = peak_rss_bytes() - baseline
+    out["rss_growth_bytes"] = rss_bytes("VmHWM") - baseline
     print(json.dumps(out))
 
 

@@ -98,6 +98,7 @@ def test_nan_streak_writes_no_checkpoint_no_export_and_exits_nonzero(base_config
         c.reward.spec = {{"blind": 1.0}}
         c.reward.options = {{}}
         c.optim.learning_rate = 1e30
+        c.train.updates_per_rollout = 1  # else step 1's second update is already NaN
         c.total_steps = 4
         c.checkpoint_every = 1
         c.image_every = 0
