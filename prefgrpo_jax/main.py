@@ -7,8 +7,6 @@ the held-out prompt set) and ``plan`` (compile the run's programs for
 ``config.plan.devices`` simulated devices and report whether it fits).
 """
 
-import sys
-
 import logging as std_logging
 import sys
 

@@ -4,8 +4,6 @@ subprocesses; a shared persistent compilation cache keeps the restarts cheap."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import textwrap
@@ -17,21 +15,8 @@ import pytest
 
 from prefgrpo_jax.train_logging import tensorboard_steps
 from test_judge import FakeJudgeServer
-from test_train import comparable
-from train_helpers import REPO, env, main_command, metrics, write_test_config
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    from pipeline_fixture import save_tiny_clip
-
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
-
-
-@pytest.fixture(scope="module")
-def base_config(tiny_flux_dir, clip_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults_cfg")
-    return write_test_config(d / "config.py", tiny_flux_dir, clip_dir, d / "prompts.txt")
+from test_train import clip_dir, comparable, test_config  # noqa: F401 (fixtures)
+from train_helpers import REPO, env, main_command, metrics
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +72,11 @@ registry.register_reward("blind", blind, overwrite=True)
 
 
 @pytest.mark.slow
-def test_nan_streak_writes_no_checkpoint_no_export_and_exits_nonzero(base_config, cached_env, tmp_path):
+def test_nan_streak_writes_no_checkpoint_no_export_and_exits_nonzero(test_config, cached_env, tmp_path):
     (tmp_path / "blind_reward.py").write_text(BLIND_REWARD)
     # Step 1's update is finite but moves every weight by ~1e30: from step 2 on every
     # forward pass overflows, every loss is NaN and every update is skipped.
-    config = derived_config(base_config, tmp_path / "nan.py", f"""
+    config = derived_config(test_config, tmp_path / "nan.py", f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
         import blind_reward  # noqa: F401 (registers "blind")
@@ -125,11 +110,11 @@ def test_nan_streak_writes_no_checkpoint_no_export_and_exits_nonzero(base_config
 
 
 @pytest.mark.slow
-def test_judge_without_signal_stops_the_run_and_its_counters_reach_the_metrics(base_config, cached_env, tmp_path):
+def test_judge_without_signal_stops_the_run_and_its_counters_reach_the_metrics(test_config, cached_env, tmp_path):
     server = FakeJudgeServer()
     server.script = lambda body, headers, index: "Both images look fine to me."  # no <answer>
     try:
-        config = derived_config(base_config, tmp_path / "judge.py", f"""
+        config = derived_config(test_config, tmp_path / "judge.py", f"""
             c.reward.spec = {{"vlm_judge": 1.0}}
             c.reward.options = {{"vlm_judge": {{"base_url": {server.url!r}, "model": "m",
                                                "timeout_s": 10.0, "retries": 0}}}}
@@ -193,8 +178,8 @@ def _kill_when(proc: subprocess.Popen, workdir: Path, kind: str, arg: float) -> 
 
 
 @pytest.mark.slow
-def test_sigkill_at_ten_random_points_matches_an_uninterrupted_run(base_config, cached_env, tmp_path):
-    config = derived_config(base_config, tmp_path / "kill.py", """
+def test_sigkill_at_ten_random_points_matches_an_uninterrupted_run(test_config, cached_env, tmp_path):
+    config = derived_config(test_config, tmp_path / "kill.py", """
         c.total_steps = 8
         c.checkpoint_every = 1
         c.image_every = 0

@@ -26,7 +26,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from prefgrpo_jax import grpo, sampling

@@ -4,7 +4,6 @@ import importlib.util
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
