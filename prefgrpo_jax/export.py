@@ -31,6 +31,7 @@ functions on every process); files are written by process 0 only.
 
 from __future__ import annotations
 
+import importlib.metadata
 import dataclasses
 import json
 import re
@@ -77,10 +78,21 @@ __all__ = [
     "write_safetensors",
 ]
 
-# The library versions whose on-disk layout this module writes (and is tested
-# against); recorded in the config files as the libraries themselves do.
-DIFFUSERS_VERSION = "0.42.1"
-TRANSFORMERS_VERSION = "5.24.0"
+
+
+def _library_version(name: str, tested: str) -> str:
+    """The installed library's version (what it would stamp itself), else the one we test against."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return tested
+
+
+# Recorded in the config files as the libraries themselves do: the installed
+# version when there is one (a fresh install may be newer than the one the
+# layout was last checked against), else that one.
+DIFFUSERS_VERSION = _library_version("diffusers", "0.42.1")
+TRANSFORMERS_VERSION = _library_version("transformers", "5.24.0")
 
 DEFAULT_MAX_SHARD_SIZE = 10 * 2**30  # diffusers' default shard size (10 GB)
 
