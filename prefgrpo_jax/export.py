@@ -37,7 +37,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_dtypes
@@ -75,6 +75,7 @@ __all__ = [
     "scheduler_config_json",
     "t5_config_json",
     "vae_config_json",
+    "SafetensorsWriter",
     "write_safetensors",
 ]
 
@@ -146,9 +147,12 @@ class _Params:
     Parameters stay where they are (sharded, on device) until ``get`` brings one
     to the host, and ``put`` casts each output at once: the host never holds the
     fp32 model, only the output in the export dtype plus one tensor in flight.
+    With a ``sink`` each output goes there as soon as it is made (the file
+    writer), so not even the whole exported model is held.
     """
 
-    def __init__(self, model: nnx.Module, dtype: Any):
+    def __init__(self, model: nnx.Module, dtype: Any,
+                 sink: Callable[[str, np.ndarray], None] | None = None):
         _, state = nnx.split(model, nnx.Param)
         self._arrays = {
             ".".join(str(p) for p in path): leaf.get_value()
@@ -156,6 +160,8 @@ class _Params:
         }
         self._dtype = _resolve_dtype(dtype)
         self._used: set[str] = set()
+        self._written: set[str] = set()
+        self._sink = sink
         self.out: dict[str, np.ndarray] = {}
         self.origin = type(model).__name__
 
@@ -170,11 +176,16 @@ class _Params:
         return _to_numpy(self._arrays[key])
 
     def put(self, name: str, array: np.ndarray) -> None:
-        if name in self.out:
+        if name in self._written:
             raise ExportError(f"{self.origin}: tensor {name!r} written twice.")
+        self._written.add(name)
         if self._dtype is not None and _is_float(array.dtype):
             array = array.astype(self._dtype)
-        self.out[name] = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array)
+        if self._sink is not None:
+            self._sink(name, array)
+        else:
+            self.out[name] = array
 
     def finish(self) -> dict[str, np.ndarray]:
         unused = sorted(set(self._arrays) - self._used)
@@ -251,7 +262,9 @@ def _dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
 # FLUX transformer.
 
 
-def export_flux_diffusers(model: FluxTransformer, *, dtype: Any = None) -> dict[str, np.ndarray]:
+def export_flux_diffusers(model: FluxTransformer, *, dtype: Any = None,
+                          sink: Callable[[str, np.ndarray], None] | None = None
+                          ) -> dict[str, np.ndarray]:
     """Our ``FluxTransformer`` -> diffusers ``FluxTransformer2DModel`` state dict (numpy).
 
     The inverse of ``flux.map_diffusers``: stacked layers are unstacked, kernels
@@ -263,6 +276,8 @@ def export_flux_diffusers(model: FluxTransformer, *, dtype: Any = None) -> dict[
       model: the transformer (fp32 or bf16 parameters).
       dtype: cast of every floating tensor (``"bfloat16"``, ``np.float32``,
         ``jnp.bfloat16`` ...); None keeps the parameters' dtype.
+      sink: receives each ``(name, tensor)`` as soon as it is made (e.g. a
+        :class:`SafetensorsWriter`); the returned dict is then empty.
 
     Raises:
       ValueError: the config has no diffusers equivalent (``mlp_ratio != 4``,
@@ -271,7 +286,7 @@ def export_flux_diffusers(model: FluxTransformer, *, dtype: Any = None) -> dict[
     """
     cfg = model.cfg
     cfg.to_diffusers()  # raises for configs diffusers cannot express
-    p = _Params(model, dtype)
+    p = _Params(model, dtype, sink)
     h, mlp = cfg.hidden_size, cfg.mlp_hidden_dim
     _linear(p, "img_in", "x_embedder")
     _linear(p, "txt_in", "context_embedder")
@@ -607,6 +622,81 @@ def _is_writer() -> bool:
     return jax.process_index() == 0
 
 
+class SafetensorsWriter:
+    """Writes tensors as they are handed over, holding at most one shard in memory.
+
+    The result is ``directory/filename`` or, when the tensors exceed
+    ``max_shard_size``, ``<stem>-0000i-of-0000n.safetensors`` shards plus
+    ``<filename>.index.json`` (the diffusers/transformers sharded layout). A
+    full shard goes to disk under a temporary name as soon as the next tensor
+    would overflow it; ``close`` names the parts once their count is known.
+    FLUX.1-dev's 22 GiB bf16 export thus needs one 10 GB shard of host memory,
+    not the whole model. Earlier weight files of the same name (single or
+    sharded) are removed first so readers never see a mix. Files carry the
+    metadata ``{"format": "pt"}`` that transformers requires. Only the writing
+    process (process 0) touches the disk; the others just consume.
+    """
+
+    def __init__(self, directory: str | Path, filename: str, *,
+                 max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE):
+        self.directory = Path(directory)
+        self.filename = filename
+        self._stem = filename.removesuffix(".safetensors")
+        self._limit = _parse_size(max_shard_size)
+        self._enabled = _is_writer()
+        self._buffer: dict[str, np.ndarray] = {}
+        self._buffered = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self._total = 0
+        self.peak_buffered_bytes = 0  # what the host held at most (tests, logs)
+        if self._enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            stale = [self.directory / filename, self.directory / f"{filename}.index.json",
+                     *self.directory.glob(f"{self._stem}-*-of-*.safetensors"),
+                     *self.directory.glob(f"{self._stem}-part-*.tmp")]
+            for f in stale:
+                if f.is_file():
+                    f.unlink()
+
+    def __call__(self, name: str, array: np.ndarray) -> None:
+        if not self._enabled:
+            return
+        nbytes = int(array.nbytes)
+        if self._limit is not None and self._buffer and self._buffered + nbytes > self._limit:
+            self._flush()
+        self._buffer[name] = array
+        self._buffered += nbytes
+        self._total += nbytes
+        self.peak_buffered_bytes = max(self.peak_buffered_bytes, self._buffered)
+
+    def _flush(self) -> None:
+        part = self.directory / f"{self._stem}-part-{len(self._parts) + 1:05d}.tmp"
+        save_file(self._buffer, str(part), metadata={"format": "pt"})
+        self._parts.append((part, list(self._buffer)))
+        self._buffer, self._buffered = {}, 0
+
+    def close(self) -> list[Path]:
+        """Writes what is buffered, names the parts (and the index); returns the files."""
+        if not self._enabled:
+            return []
+        if not self._parts:  # everything fit one file: no index, as the libraries write it
+            save_file(self._buffer, str(self.directory / self.filename), metadata={"format": "pt"})
+            self._buffer, self._buffered = {}, 0
+            return [self.directory / self.filename]
+        if self._buffer:
+            self._flush()
+        written, weight_map = [], {}
+        for i, (part, keys) in enumerate(self._parts):
+            shard = self.directory / f"{self._stem}-{i + 1:05d}-of-{len(self._parts):05d}.safetensors"
+            part.replace(shard)
+            weight_map.update({k: shard.name for k in keys})
+            written.append(shard)
+        index = {"metadata": {"total_size": self._total}, "weight_map": dict(sorted(weight_map.items()))}
+        index_file = self.directory / f"{self.filename}.index.json"
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
+        return [*written, index_file]
+
+
 def write_safetensors(
     tensors: Mapping[str, np.ndarray],
     directory: str | Path,
@@ -614,50 +704,11 @@ def write_safetensors(
     *,
     max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
 ) -> list[Path]:
-    """Writes ``tensors`` as ``directory/filename`` or, when larger than
-    ``max_shard_size``, as ``<stem>-0000i-of-0000n.safetensors`` shards plus
-    ``<filename>.index.json`` (the diffusers/transformers sharded layout).
-
-    Earlier weight files of the same name (single or sharded) in ``directory``
-    are removed first so readers never see a mix. Files carry the metadata
-    ``{"format": "pt"}`` that transformers requires. Returns the written paths.
-    """
-    directory = Path(directory)
-    if not _is_writer():
-        return []
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = filename.removesuffix(".safetensors")
-    stale = [directory / filename, directory / f"{filename}.index.json",
-             *directory.glob(f"{stem}-*-of-*.safetensors")]
-    for f in stale:
-        if f.is_file():
-            f.unlink()
-    limit = _parse_size(max_shard_size)
-    names = list(tensors)
-    total = sum(int(tensors[k].nbytes) for k in names)
-    metadata = {"format": "pt"}
-    if limit is None or total <= limit:
-        save_file(dict(tensors), str(directory / filename), metadata=metadata)
-        return [directory / filename]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k in names:
-        nbytes = int(tensors[k].nbytes)
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += nbytes
-    written, weight_map = [], {}
-    for i, keys in enumerate(shards):
-        shard_name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, str(directory / shard_name), metadata=metadata)
-        weight_map.update({k: shard_name for k in keys})
-        written.append(directory / shard_name)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / f"{filename}.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    written.append(directory / f"{filename}.index.json")
-    return written
+    """Writes a dict of tensors through :class:`SafetensorsWriter`; returns the files."""
+    writer = SafetensorsWriter(directory, filename, max_shard_size=max_shard_size)
+    for name, array in tensors.items():
+        writer(name, array)
+    return writer.close()
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -682,10 +733,13 @@ def save_transformer(
     ``transformer/`` folder.
     """
     directory = Path(directory)
-    tensors = export_flux_diffusers(model, dtype=dtype)
+    # Streamed: each tensor leaves the (sharded) model, is cast and lands in the
+    # current shard; the host holds one shard, never the whole export.
+    writer = SafetensorsWriter(directory, "diffusion_pytorch_model.safetensors",
+                               max_shard_size=max_shard_size)
+    export_flux_diffusers(model, dtype=dtype, sink=writer)
+    writer.close()
     _write_json(directory / "config.json", flux_config_json(model.cfg))
-    write_safetensors(tensors, directory, "diffusion_pytorch_model.safetensors",
-                      max_shard_size=max_shard_size)
     return directory
 
 

@@ -228,6 +228,24 @@ def test_sharded_weights_load_in_ours_and_diffusers(ours, tmp_path):
         "config.json", "diffusion_pytorch_model.safetensors"]
 
 
+def test_streamed_export_holds_one_shard(ours, tmp_path):
+    """The exporter hands tensors to the writer as it makes them: the host holds
+    at most one shard (here 1/4 of the model), and the files are the same."""
+    want = export.export_flux_diffusers(ours.transformer)
+    total = sum(a.nbytes for a in want.values())
+    limit = max(total // 4, max(a.nbytes for a in want.values()))
+    writer = export.SafetensorsWriter(tmp_path, "model.safetensors", max_shard_size=limit)
+    assert export.export_flux_diffusers(ours.transformer, sink=writer) == {}
+    files = writer.close()
+    assert writer.peak_buffered_bytes <= limit < total
+    shards = [f for f in files if f.suffix == ".safetensors"]
+    assert len(shards) >= 4 and not list(tmp_path.glob("*.tmp"))
+    got = {}
+    for f in shards:
+        got.update(load_file(str(f)))
+    _assert_same_tensors(got, want)
+
+
 # ---------------------------------------------------------------------------
 # A changed (as if fine-tuned) transformer in PyTorch.
 
