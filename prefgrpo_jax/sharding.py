@@ -26,10 +26,11 @@ import contextlib
 import contextvars
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -241,6 +242,34 @@ def from_process_local(tree: Any, mesh: Mesh) -> Any:
     """Assembles global batch arrays from each process's local rows."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
+
+
+def make_group_broadcast(mesh: Mesh, group_size: int) -> Callable[[Any], Any]:
+    """``cond [P, ...] -> [P * group_size, ...]`` (each prompt's row repeated for
+    its group), batch-sharded, computed on device.
+
+    One process: the prompt rows go in as they are (on device) and each device
+    writes only its own output rows. Several processes: each gives its local
+    rows, which become a batch-sharded ``[P]`` array when ``P`` splits over the
+    batch devices (the group's rows then land on the device that already holds
+    the prompt: no communication); otherwise they are repeated on the host
+    first (the rows of one prompt may then span devices of several processes).
+    """
+    out = batch_sharding(mesh)
+    repeat = jax.jit(lambda tree: jax.tree.map(lambda a: jnp.repeat(a, group_size, axis=0), tree),
+                     out_shardings=out)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def broadcast(tree: Any) -> Any:
+        if jax.process_count() == 1:
+            return repeat(tree)
+        rows = jax.tree.leaves(tree)[0].shape[0] * jax.process_count()
+        if rows % batch_devices == 0:
+            return repeat(from_process_local(tree, mesh))
+        return from_process_local(jax.tree.map(lambda a: np.repeat(np.asarray(a), group_size, axis=0), tree),
+                                  mesh)
+
+    return broadcast
 
 
 def allgather_host(x: np.ndarray) -> np.ndarray:

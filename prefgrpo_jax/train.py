@@ -219,6 +219,7 @@ class Trainer:
             return nnx.merge(vae_graph, vae_params).decode(autoencoder.unpack_latents(packed, h, w))
 
         self.decode = decode
+        self.broadcast_group = sharding.make_group_broadcast(self.mesh, t.group_size)
         self.reward = registry.build_reward_mix(
             config.reward.spec, config.reward.get("options"), ddof=int(t.adv_ddof),
             adv_clip_max=t.adv_clip_max, adv_norm=t.get("adv_norm", "group"),
@@ -248,15 +249,14 @@ class Trainer:
         return sharding.activation_sharding(self.mesh, state_lib.activation_rules(self.config))
 
     def conditioning(self, prompts: list[str]) -> dict[str, jax.Array]:
-        """Per-process prompts -> global, batch-sharded cond pytree ``[B, ...]``."""
+        """Per-process prompts -> global, batch-sharded cond pytree ``[B, ...]``
+        (``B`` = prompts x group size, repeated on device)."""
         txt, txt_ids, pooled = self.pipe.encode_prompt(prompts)
         cond = self.pipe.conditioning(
             txt, txt_ids, pooled, self.config.train.height, self.config.train.width,
             self.config.train.get("guidance_scale"),
         )
-        g = self.config.train.group_size
-        local = jax.tree.map(lambda a: np.repeat(np.asarray(a), g, axis=0), cond)
-        return sharding.from_process_local(local, self.mesh)
+        return self.broadcast_group(cond)
 
     def local_rows(self, array: jax.Array) -> np.ndarray:
         """This process's rows of a batch-sharded global array, as NumPy."""

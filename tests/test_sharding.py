@@ -1,5 +1,7 @@
-"""Mesh sizing and the per-tensor sharding rules (pure functions, no devices needed)."""
+"""Mesh sizing, the per-tensor sharding rules, and batch placement helpers."""
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -37,3 +39,12 @@ def test_rules_override_fsdp_and_are_checked():
         sharding.partition_spec("single_blocks/linear1/kernel", (3072, 21504), SIZES, min_size=1, rules=rules)
     with pytest.raises(ValueError, match="does not divide 21505"):
         sharding.partition_spec("single_blocks/linear1/kernel", (38, 3072, 21505), SIZES, min_size=1, rules=rules)
+
+
+def test_group_broadcast_repeats_each_prompt_row_on_device():
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    cond = {"txt": jnp.arange(3 * 4 * 2, dtype=jnp.float32).reshape(3, 4, 2), "y": jnp.arange(3.0)}
+    out = sharding.make_group_broadcast(mesh, 4)(cond)
+    for name, a in cond.items():
+        np.testing.assert_array_equal(np.asarray(out[name]), np.repeat(np.asarray(a), 4, axis=0))
+        assert out[name].sharding == sharding.batch_sharding(mesh)
