@@ -32,6 +32,23 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return node
 
 
+# Sections whose keys the user chooses (reward sources): not fields of their own.
+OPEN_SECTIONS = ("reward.spec", "reward.options")
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Dotted paths of every field (leaf) of ``config``; open sections count as one."""
+    paths = []
+    for name in config.keys():
+        path = f"{prefix}{name}"
+        value = config[name]
+        if isinstance(value, ml_collections.ConfigDict) and path not in OPEN_SECTIONS:
+            paths.extend(field_paths(value, f"{path}."))
+        else:
+            paths.append(path)
+    return paths
+
+
 def resolve_batch(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
     """A copy with the batch layout derived for ``num_devices``.
 
@@ -48,9 +65,9 @@ def resolve_batch(config: ml_collections.ConfigDict, num_devices: int) -> ml_col
     except ValueError:
         return resolved
     parallel = data * fsdp
-    if isinstance(t.get("prompts_per_device", 0), int) and t.get("prompts_per_device", 0) > 0:
-        t.prompts_per_step = t.prompts_per_device * parallel
-    updates = t.get("updates_per_rollout", 1)
+    per_device, updates = t.get("prompts_per_device"), t.get("updates_per_rollout")
+    if isinstance(per_device, int) and per_device > 0:
+        t.prompts_per_step = per_device * parallel
     if t.micro_batches == 0 and isinstance(updates, int) and updates >= 1:
         per_update = t.prompts_per_step * t.group_size // updates
         if per_update % parallel == 0:
@@ -71,14 +88,9 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
                 value = "<missing>"
             problems.append(f"config.{field}={value}: {allowed}")
 
-    required = [
-        "seed", "total_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
-        "model.path", "model.dtype", "data.prompts", "train.prompts_per_step", "train.group_size",
-        "train.num_steps", "train.eta", "train.step_mode", "train.schedule", "train.height",
-        "train.width", "train.timestep_fraction", "train.clip_range", "train.adv_clip_max",
-        "train.kl_beta", "train.micro_batches", "train.timestep_chunk", "optim.learning_rate",
-        "reward.spec", "mesh.data", "mesh.fsdp", "mesh.tensor",
-    ]
+    # Every field base_config() defines must be present: a default lives there
+    # and nowhere else (no reader falls back on a copy of it).
+    required = field_paths(base_config())
     if "grad_accum" in config.get("train", {}):
         raise ConfigError(
             "config.train.grad_accum was renamed: set config.train.micro_batches (micro-batches of "
@@ -95,7 +107,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     if missing:
         raise ConfigError(
             "config is missing fields: " + ", ".join(f"config.{f}" for f in missing)
-            + " (start from configs/tiny.py or configs/flux.py)"
+            + " (build configs from prefgrpo_jax.config.base_config(), as configs/tiny.py and "
+            "configs/flux.py do: a config written for an older version lacks the fields added since)"
         )
     if mode not in MODES:
         problems.append(f"--mode={mode!r}: must be one of {MODES}")
@@ -105,22 +118,22 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("total_steps", isinstance(config.total_steps, int) and config.total_steps >= 1, "must be an integer >= 1")
     check("checkpoint_every", isinstance(config.checkpoint_every, int) and config.checkpoint_every >= 1, "must be an integer >= 1 (steps)")
     check("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1")
-    check("export.dtype", config.get("export", {}).get("dtype", "bfloat16") in DTYPES,
+    check("export.dtype", config.export.dtype in DTYPES,
           f"must be one of {DTYPES}")
-    check("params_checkpoint_every", isinstance(config.get("params_checkpoint_every", 0), int)
-          and config.get("params_checkpoint_every", 0) >= 0, "must be an integer >= 0 (steps; 0 = off)")
+    check("params_checkpoint_every", isinstance(config.params_checkpoint_every, int)
+          and config.params_checkpoint_every >= 0, "must be an integer >= 0 (steps; 0 = off)")
     check("log_every", config.log_every >= 1, "must be >= 1")
     check("image_every", config.image_every >= 0, "must be >= 0 (0 = never)")
     check("model.dtype", config.model.dtype in DTYPES, f"must be one of {DTYPES}")
-    check("model.compute_dtype", config.model.get("compute_dtype", "float32") in DTYPES, f"must be one of {DTYPES}")
-    check("model.remat_policy", config.model.get("remat_policy", REMAT_POLICIES[0]) in REMAT_POLICIES,
+    check("model.compute_dtype", config.model.compute_dtype in DTYPES, f"must be one of {DTYPES}")
+    check("model.remat_policy", config.model.remat_policy in REMAT_POLICIES,
           f"must be one of {REMAT_POLICIES}")
-    check("model.attention", config.model.get("attention", "auto") in ATTENTION_IMPLS,
+    check("model.attention", config.model.attention in ATTENTION_IMPLS,
           f"must be one of {ATTENTION_IMPLS}")
-    check("model.attention_chunk", int(config.model.get("attention_chunk", 512)) >= 1,
+    check("model.attention_chunk", int(config.model.attention_chunk) >= 1,
           "must be >= 1 (queries per chunk of attention='chunked', e.g. 512)")
     path = Path(str(config.model.path)) if config.model.path else None
-    plan = config.get("plan", ml_collections.ConfigDict({"preset": "", "devices": 8, "device_memory_gib": 80.0}))
+    plan = config.plan
     if not (mode == "plan" and plan.preset):
         check("model.path", path is not None and (path / "model_index.json").is_file(),
               "must be a local diffusers-format FLUX directory containing model_index.json "
@@ -130,7 +143,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
         check("plan.preset", plan.preset in PLAN_PRESETS, f"must be one of {PLAN_PRESETS} ('' = model.path's config.json files)")
         check("plan.devices", isinstance(plan.devices, int) and plan.devices >= 1, "must be an integer >= 1 (simulated devices)")
         check("plan.device_memory_gib", plan.device_memory_gib > 0, "must be > 0 (memory of one device, GiB)")
-        check("plan.usable_fraction", 0 < plan.get("usable_fraction", 0.9) <= 1,
+        check("plan.usable_fraction", 0 < plan.usable_fraction <= 1,
               "must be in (0, 1]: the share of device memory the program may use")
     check("train.group_size", isinstance(t.group_size, int) and t.group_size >= 2,
           "must be an integer >= 2 (win rates compare images within a group)")
@@ -147,8 +160,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("train.kl_beta", t.kl_beta >= 0, "must be >= 0")
     check("train.micro_batches", isinstance(t.micro_batches, int) and t.micro_batches >= 0,
           "must be an integer >= 1, or 0 for one sample per device per micro-batch")
-    check("train.prompts_per_device", isinstance(t.get("prompts_per_device", 0), int)
-          and t.get("prompts_per_device", 0) >= 0,
+    check("train.prompts_per_device", isinstance(t.prompts_per_device, int)
+          and t.prompts_per_device >= 0,
           "must be an integer >= 0 (0: prompts_per_step is the global count)")
     _check_update_fields(config, check)
     check("train.timestep_chunk", isinstance(t.timestep_chunk, int) and t.timestep_chunk >= 1, "must be an integer >= 1")
@@ -172,20 +185,20 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     unknown = sorted(k for k in spec if k not in known)
     check("reward.spec", bool(spec) and not unknown,
           f"must map known reward backends to weights; unknown {unknown}, known: {known}")
-    monitor = config.reward.get("monitor", "")
+    monitor = config.reward.monitor
     check("reward.monitor", not monitor or monitor in spec,
           f"must be empty or one of the sources in reward.spec {sorted(spec)}")
-    options = config.reward.get("options") or {}
+    options = config.reward.options
     options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
     check("reward.options", not set(options) - set(spec),
           f"names sources {sorted(set(options) - set(spec))} that reward.spec {sorted(spec)} does not use")
     for name in sorted(set(spec) & set(known)):
         problems.extend(registry.option_problems(name, options.get(name, {})))
     if "vlm_judge" in spec:
-        problems.extend(judge_option_problems(config.reward.get("options", {}).get("vlm_judge"),
+        problems.extend(judge_option_problems(config.reward.options.get("vlm_judge"),
                                               "reward.options.vlm_judge"))
 
-    every = config.eval.get("every", 0)
+    every = config.eval.every
     check("eval.every", isinstance(every, int) and every >= 0,
           "must be an integer >= 0 (train steps between evals on a fixed subset; 0 = never)")
     if mode == "eval" or (mode == "train" and isinstance(every, int) and every > 0):
@@ -218,7 +231,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
             problems.append(str(err))
         else:
             parallel = shape[0] * shape[1]
-            updates = t.get("updates_per_rollout", 1)
+            updates = t.updates_per_rollout
             per_update = t.prompts_per_step * t.group_size // updates
             if per_update % parallel:
                 need = parallel * updates // math.gcd(parallel * updates, t.group_size)
@@ -267,40 +280,40 @@ def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
     from prefgrpo_jax.rewards.advantages import ADV_NORMS
 
     t, o = config.train, config.optim
-    u = t.get("updates_per_rollout", 1)
+    u = t.updates_per_rollout
     group_ok = isinstance(t.group_size, int) and t.group_size >= 2  # else reported on its own
     check("train.updates_per_rollout", isinstance(u, int) and u >= 1 and (not group_ok or t.group_size % u == 0),
           f"must be an integer >= 1 dividing train.group_size={t.group_size} (each update takes a "
           "slice of every group; the reference's recipe is 2)")
-    check("train.reward_image", t.get("reward_image", "x0_pred") in sampling.REWARD_IMAGES,
+    check("train.reward_image", t.reward_image in sampling.REWARD_IMAGES,
           f"must be one of {sampling.REWARD_IMAGES} (x0_pred: the reference)")
-    check("train.adv_norm", t.get("adv_norm", "group") in ADV_NORMS, f"must be one of {ADV_NORMS}")
-    check("train.kl_form", t.get("kl_form", "prefgrpo") in grpo.KL_FORMS, f"must be one of {grpo.KL_FORMS}")
-    check("train.rationorm", isinstance(t.get("rationorm", False), bool), "must be True or False")
-    check("reward.gdpo", isinstance(config.reward.get("gdpo", False), bool), "must be True or False")
-    cfg_scale = t.get("cfg_scale", 1.0)
+    check("train.adv_norm", t.adv_norm in ADV_NORMS, f"must be one of {ADV_NORMS}")
+    check("train.kl_form", t.kl_form in grpo.KL_FORMS, f"must be one of {grpo.KL_FORMS}")
+    check("train.rationorm", isinstance(t.rationorm, bool), "must be True or False")
+    check("reward.gdpo", isinstance(config.reward.gdpo, bool), "must be True or False")
+    cfg_scale = t.cfg_scale
     check("train.cfg_scale", isinstance(cfg_scale, (int, float)) and cfg_scale >= 1.0,
           "must be >= 1.0 (1.0: no classifier-free guidance; the unconditional branch uses the empty prompt)")
-    window = t.get("sde_window", 0)
-    lo, hi = t.get("sde_window_range", (0, 0))
+    window = t.sde_window
+    lo, hi = t.sde_window_range
     last = t.num_steps - 1 if isinstance(t.num_steps, int) else 0
     check("train.sde_window", isinstance(window, int) and 0 <= window <= last,
           f"must be 0 (every step stochastic) or the size of the SDE window, at most num_steps - 1 = {last}")
     check("train.sde_window_range", not window or (0 <= lo and hi <= last and hi - lo >= window),
           f"must be (lo, hi) with 0 <= lo, hi <= num_steps - 1 = {last} and hi - lo >= sde_window: "
           "the window lies within steps [lo, hi)")
-    check("train.rationorm", not (t.get("rationorm", False) and t.step_mode == "cps"),
+    check("train.rationorm", not (t.rationorm and t.step_mode == "cps"),
           "cannot be combined with train.step_mode='cps' (its log-probs drop the 1/(2 std^2) scale "
           "that GRPO-Guard's ratio assumes); use step_mode='flow'")
-    check("optim.schedule", o.get("schedule", "constant") in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
-    warmup = o.get("warmup_steps", 0)
+    check("optim.schedule", o.schedule in LR_SCHEDULES, f"must be one of {LR_SCHEDULES}")
+    warmup = o.warmup_steps
     check("optim.warmup_steps", isinstance(warmup, int) and warmup >= 0,
           "must be an integer >= 0 (optimizer updates of linear warmup from 0)")
-    ema = config.get("ema", {})
-    check("ema.decay", 0.0 <= ema.get("decay", 0.0) < 1.0, "must be in [0, 1) (0: no EMA; the reference's is 0.99)")
-    check("ema.every", isinstance(ema.get("every", 1), int) and ema.get("every", 1) >= 1,
+    ema = config.ema
+    check("ema.decay", 0.0 <= ema.decay < 1.0, "must be in [0, 1) (0: no EMA; the reference's is 0.99)")
+    check("ema.every", isinstance(ema.every, int) and ema.every >= 1,
           "must be an integer >= 1 (optimizer updates between EMA updates)")
-    check("ema.use", not ema.get("use", False) or ema.get("decay", 0.0) > 0,
+    check("ema.use", not ema.use or ema.decay > 0,
           "True needs ema.decay > 0 (the run must keep an EMA to sample, evaluate or export it)")
 
 
@@ -338,7 +351,7 @@ def _check_guards(config: ml_collections.ConfigDict, check) -> None:
     """The run's stop policies."""
     t = config.train
     for name in ("max_consecutive_nonfinite", "max_steps_without_signal"):
-        value = t.get(name)
+        value = t[name]
         check(f"train.{name}", isinstance(value, int) and not isinstance(value, bool) and value >= 0,
               "must be an integer >= 0" + (" (0 = never stop)" if name == "max_steps_without_signal" else ""))
 

@@ -45,12 +45,12 @@ def make_ema_update(decay: float, every: int) -> Callable[[dict], dict]:
 
 def enabled(config: Any) -> bool:
     """Whether the run keeps an EMA (``config.ema.decay > 0``)."""
-    return float(config.get("ema", {}).get("decay", 0.0)) > 0.0
+    return float(config.ema.decay) > 0.0
 
 
 def served_params(state: dict, config: Any) -> Any:
     """The params to sample, evaluate and export: the EMA when ``config.ema.use``."""
-    if not config.get("ema", {}).get("use", False):
+    if not config.ema.use:
         return state["params"]
     if "ema" not in state:
         raise ValueError("config.ema.use=True but this run keeps no EMA: set config.ema.decay > 0 "

@@ -122,7 +122,7 @@ def generate(pipe, prompts: list[str], config: ml_collections.ConfigDict, key: j
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape
         images = pipe(
             padded, height=t.height, width=t.width, num_inference_steps=int(e.num_steps),
-            guidance_scale=t.get("guidance_scale"), key=jax.random.fold_in(key, start),
+            guidance_scale=t.guidance_scale, key=jax.random.fold_in(key, start),
         )
         out.append(np.asarray(images)[: len(chunk)])
     return np.concatenate(out)

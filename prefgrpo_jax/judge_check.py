@@ -179,7 +179,7 @@ def check_reward_judge(config: ml_collections.ConfigDict) -> Check | None:
     """The pairwise reward judge's check, or None when ``reward.spec`` has no ``vlm_judge``."""
     if "vlm_judge" not in dict(config.reward.spec):
         return None
-    raw = config.reward.get("options", {}).get("vlm_judge", {})
+    raw = config.reward.options.get("vlm_judge", {})
     options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
     options["retries"] = 0  # a check should fail fast, not back off
     return _check_server("reward judge (pairwise)", "reward.options.vlm_judge", options, _pairwise_request)

@@ -150,8 +150,8 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     transformer = flux.abstract_transformer(
         cfgs["transformer"], dtype=jnp.float32, remat=bool(config.model.remat),
         remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype],
-        attention=_plan_attention(config.model.get("attention", "auto")),
-        attention_chunk=int(config.model.get("attention_chunk", 512)))
+        attention=_plan_attention(config.model.attention),
+        attention_chunk=int(config.model.attention_chunk))
     graphdef, params = nnx.split(transformer)
     optimizer = build_optimizer(config)
     abstract_state, state_shardings = state_lib.train_state_shardings(params, optimizer, config, mesh)

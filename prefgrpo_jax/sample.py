@@ -32,7 +32,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     for i in range(s.images_per_prompt):
         images = pipe(
             prompts, height=config.train.height, width=config.train.width,
-            num_inference_steps=s.num_steps, guidance_scale=config.train.get("guidance_scale"),
+            num_inference_steps=s.num_steps, guidance_scale=config.train.guidance_scale,
             key=jax.random.fold_in(key, i),
         )
         rows.append(np.asarray(images))

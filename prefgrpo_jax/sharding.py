@@ -300,14 +300,14 @@ def initialize_distributed(cfg: Any) -> None:
     if not cfg.enabled:
         return
     kwargs = {}
-    if cfg.get("coordinator_address"):
+    if cfg.coordinator_address:
         kwargs = dict(
             coordinator_address=cfg.coordinator_address,
             num_processes=int(cfg.num_processes),
             process_id=int(cfg.process_id),
         )
     # Must not touch the backend before initialize(); CPU runs opt in by config.
-    if cfg.get("cpu_collectives", False):
+    if cfg.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

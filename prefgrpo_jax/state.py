@@ -31,8 +31,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _rules(config: ml_collections.ConfigDict) -> tuple[int, list[tuple[str, tuple]]]:
-    shard_cfg = config.get("sharding", {})
-    return int(shard_cfg.get("fsdp_min_size", 2**14)), [tuple(r) for r in shard_cfg.get("rules", ())]
+    return int(config.sharding.fsdp_min_size), [tuple(r) for r in config.sharding.rules]
 
 
 def sharding_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> convert.ShardingFn:
@@ -55,7 +54,7 @@ def tree_shardings(tree: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> 
 
 def activation_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
     """``config.sharding.activation_rules`` as ``[(logical axis, mesh axes)]``."""
-    rules = config.get("sharding", {}).get("activation_rules", sharding.DEFAULT_ACTIVATION_RULES)
+    rules = config.sharding.activation_rules
     return [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules]
 
 
@@ -78,8 +77,8 @@ def load_pipeline(
         dtype=DTYPES[config.model.dtype],
         remat=bool(config.model.remat),
         remat_policy=config.model.remat_policy,
-        attention=config.model.get("attention", "auto"),
-        attention_chunk=int(config.model.get("attention_chunk", 512)),
+        attention=config.model.attention,
+        attention_chunk=int(config.model.attention_chunk),
         max_sequence_length=int(config.train.max_sequence_length),
         shardings=None if mesh is None else sharding_fn(config, mesh),
         transformer_dtype=transformer_dtype,
@@ -145,7 +144,7 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
         for ckpt in checkpointers:
             # Full-state checkpoints hold the EMA beside the params; params-only
             # ones hold what was served (the EMA when ema.use) as their params.
-            subtree = "ema" if ckpt.kind == "state" and config.get("ema", {}).get("use", False) else "params"
+            subtree = "ema" if ckpt.kind == "state" and config.ema.use else "params"
             found = ckpt.restore_params_newest_readable(target, subtree=subtree)
             if found is not None:
                 log.info("restored the transformer of step %d from %s", found[0], ckpt.directory)

@@ -48,8 +48,8 @@ def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sam
         num_steps=t.num_steps, eta=t.eta, mode=t.step_mode, schedule=t.schedule,
         shift=t.shift, image_seq_len=image_seq_len, quantize_timesteps=t.quantize_timesteps,
         group_size=t.group_size, init_same_noise=t.init_same_noise,
-        cfg_scale=float(t.get("cfg_scale", 1.0)), return_means=bool(t.get("rationorm", False)),
-        sde_window=int(t.get("sde_window", 0)),
+        cfg_scale=float(t.cfg_scale), return_means=bool(t.rationorm),
+        sde_window=int(t.sde_window),
     )
 
 
@@ -57,10 +57,10 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
     t = config.train
     return grpo.GRPOConfig(
         clip_range=t.clip_range, timestep_fraction=t.timestep_fraction, kl_beta=t.kl_beta,
-        kl_form=t.get("kl_form", "prefgrpo"), micro_batches=t.micro_batches,
-        timestep_chunk=t.timestep_chunk, rationorm=bool(t.get("rationorm", False)),
-        updates_per_rollout=int(t.get("updates_per_rollout", 1)),
-        sde_window=int(t.get("sde_window", 0)),
+        kl_form=t.kl_form, micro_batches=t.micro_batches,
+        timestep_chunk=t.timestep_chunk, rationorm=bool(t.rationorm),
+        updates_per_rollout=int(t.updates_per_rollout),
+        sde_window=int(t.sde_window),
     )
 
 
@@ -70,9 +70,9 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     (``total_steps x updates_per_rollout``)."""
     o = config.optim
     lr = float(o.learning_rate)
-    warmup = int(o.get("warmup_steps", 0))
-    total = int(config.total_steps) * int(config.train.get("updates_per_rollout", 1))
-    kind = o.get("schedule", "constant")
+    warmup = int(o.warmup_steps)
+    total = int(config.total_steps) * int(config.train.updates_per_rollout)
+    kind = o.schedule
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1), 0.0)
     if kind != "constant":
@@ -133,7 +133,7 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
         f"memory estimate per device (params + optimizer / fsdp {fsdp} + frozen, no activations): "
         f"{per_device / 2**30:.3f} GiB"
     )
-    if mesh.shape["tensor"] > 1 and not config.get("sharding", {}).get("rules"):
+    if mesh.shape["tensor"] > 1 and not config.sharding.rules:
         lines.append("note: mesh.tensor > 1 without sharding.rules replicates parameters over 'tensor'")
     t = config.train
     lines.append(
@@ -164,7 +164,7 @@ class Trainer:
             )
         self.mesh = sharding.make_mesh(dict(config.mesh))
         self.optimizer = build_optimizer(config)
-        ema_decay = float(config.get("ema", {}).get("decay", 0.0))
+        ema_decay = float(config.ema.decay)
         self.ema_update = (
             ema_lib.make_ema_update(ema_decay, int(config.ema.every)) if ema_decay > 0 else None
         )
@@ -221,9 +221,9 @@ class Trainer:
         self.decode = decode
         self.broadcast_group = sharding.make_group_broadcast(self.mesh, t.group_size)
         self.reward = registry.build_reward_mix(
-            config.reward.spec, config.reward.get("options"), ddof=int(t.adv_ddof),
-            adv_clip_max=t.adv_clip_max, adv_norm=t.get("adv_norm", "group"),
-            gdpo=bool(config.reward.get("gdpo", False)),
+            config.reward.spec, config.reward.options, ddof=int(t.adv_ddof),
+            adv_clip_max=t.adv_clip_max, adv_norm=t.adv_norm,
+            gdpo=bool(config.reward.gdpo),
         )
         source = prompt_source(config, self.workdir)
         self.local_prompts = t.prompts_per_step // jax.process_count()
@@ -254,7 +254,7 @@ class Trainer:
         txt, txt_ids, pooled = self.pipe.encode_prompt(prompts)
         cond = self.pipe.conditioning(
             txt, txt_ids, pooled, self.config.train.height, self.config.train.width,
-            self.config.train.get("guidance_scale"),
+            self.config.train.guidance_scale,
         )
         return self.broadcast_group(cond)
 
@@ -318,7 +318,7 @@ class Trainer:
             ref_params=self.ref_params, after_update=self.ema_update,
         )
         metrics = grpo.combine_update_metrics([sharding.to_host(m) for m in per_update])
-        primary = self.config.reward.get("monitor") or max(
+        primary = self.config.reward.monitor or max(
             self.reward.weights, key=lambda k: self.reward.weights[k]
         )
         r = np.asarray(out.rewards[primary])
@@ -453,7 +453,7 @@ class Trainer:
 
     def periodic_evaluator(self):
         """``evaluate.PeriodicEval`` when ``eval.every`` > 0, else None."""
-        if not self.config.eval.get("every", 0):
+        if not self.config.eval.every:
             return None
         if jax.process_count() > 1:
             # Sampling from parameters sharded over processes and judging on one of

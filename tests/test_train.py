@@ -85,6 +85,17 @@ def test_validation_error_names_field_value_and_fix(tiny_config, field, value, m
     assert message in str(err.value)
 
 
+def test_every_field_is_required_and_named_when_missing(tiny_config):
+    """A field's default lives in base_config() alone: a config without it (e.g.
+    written for an older version) is refused by name, never read with a fallback."""
+    assert "model.attention" in config_lib.field_paths(config_lib.base_config())
+    c = tiny_config()
+    del c.model["attention"]
+    del c.ema["use"]
+    with pytest.raises(config_lib.ConfigError, match=r"missing fields: config\.ema\.use, config\.model\.attention \(build"):
+        config_lib.validate(c, num_devices=1)
+
+
 def test_grad_accum_names_its_replacements(tiny_config):
     c = tiny_config()
     c.train.grad_accum = 4
