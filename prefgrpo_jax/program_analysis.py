@@ -6,6 +6,7 @@ abstractly on simulated devices: nothing here runs the program.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -126,7 +127,27 @@ def collective_shapes(hlo_text: str) -> list[tuple[str, list[tuple[int, ...]]]]:
     return out
 
 
-def collective_bytes(hlo_text: str) -> dict[str, Any]:
+GRADIENT_ALL_REDUCE = "all-reduce (gradients)"
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _gradient_bytes(line: str, result_type: str, shapes: set[tuple[int, ...]]) -> int:
+    """Bytes of an all-reduce's results that are sharded parameters' gradients: the
+    all-reduce belongs to the backward pass (JAX names it ``transpose(jvp(...))``)
+    and the result has a sharded parameter's shape (any dimension order). XLA
+    combines many gradients into one tuple all-reduce; each result counts alone."""
+    name = _OP_NAME.search(line)
+    if name is None or "transpose(" not in name.group(1):
+        return 0
+    total = 0
+    for dtype, dims in _SHAPE.findall(result_type):
+        dims = [int(d) for d in dims.split(",") if d]
+        if dims and tuple(sorted(dims)) in shapes:
+            total += math.prod(dims) * _HLO_BYTES[dtype]
+    return total
+
+
+def collective_bytes(hlo_text: str, *, gradient_shapes: Any = ()) -> dict[str, Any]:
     """Output bytes of every collective in an optimized, partitioned HLO module,
     per device and per execution of the program, loops multiplied out.
 
@@ -134,9 +155,18 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     derives from ``scan``); one without it is counted once and reported. Async
     pairs count once (at ``-start``).
 
+    ``gradient_shapes`` (the shapes of the sharded parameters, and of one layer
+    of stacked ones): backward-pass all-reduces of exactly such shapes are
+    reported apart, as ``"all-reduce (gradients)"`` (a tuple all-reduce result by result). XLA's CPU compiler keeps a
+    sharded weight's gradient as a whole-size all-reduce followed by a slice;
+    the GPU and TPU compilers turn that pattern into a reduce-scatter
+    (``ReduceScatterCreator``), whose output is one shard: a simulated plan
+    must tell the two apart to say what a pod would move.
+
     Returns:
       ``{"total": bytes, "<collective>": bytes, ..., "unknown_trip_counts": n}``.
     """
+    shapes = {tuple(sorted(int(d) for d in s)) for s in gradient_shapes}
     computations: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -169,7 +199,13 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
                 continue
             op, result_type, collective = parsed
             if collective:
-                acc[collective] = acc.get(collective, 0.0) + _shape_bytes(result_type)
+                moved = _shape_bytes(result_type)
+                if collective == "all-reduce" and shapes:
+                    grads = _gradient_bytes(line, result_type, shapes)
+                    if grads:
+                        acc[GRADIENT_ALL_REDUCE] = acc.get(GRADIENT_ALL_REDUCE, 0.0) + grads
+                        moved -= grads
+                acc[collective] = acc.get(collective, 0.0) + moved
             times = 1
             if op == "while":
                 trip = _TRIP.search(line)

@@ -42,3 +42,24 @@ def test_collective_bytes_multiplies_trip_counts():
 def test_collective_shapes_lists_each_instruction_once():
     assert pa.collective_shapes(HLO) == [("all-gather", [(64, 16)]), ("all-reduce", [(4, 4)]),
                                          ("reduce-scatter", [(2, 16)])]
+
+
+GRAD_HLO = """HloModule jit_g, entry_computation_layout={()->f32[]}
+
+ENTRY %main (a: f32[8,16]) -> f32[] {
+  %a = f32[8,16]{1,0} parameter(0)
+  %g = (f32[16,64]{1,0}, f32[7]{0}) all-reduce(%x, %y), to_apply=%add, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}
+  %f = f32[16,64]{1,0} all-reduce(%z), to_apply=%add, metadata={op_name="jit(step)/jvp()/dot_general"}
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_gradient_all_reduces_are_counted_apart():
+    # A sharded [64, 16] weight (any dimension order): its backward all-reduce is a
+    # gradient; the forward one of the same shape and the unsharded [7] are not.
+    got = pa.collective_bytes(GRAD_HLO, gradient_shapes=[(64, 16)])
+    assert got[pa.GRADIENT_ALL_REDUCE] == 16 * 64 * 4
+    assert got["all-reduce"] == 7 * 4 + 16 * 64 * 4
+    assert got["total"] == 2 * 16 * 64 * 4 + 7 * 4
+    assert pa.GRADIENT_ALL_REDUCE not in pa.collective_bytes(GRAD_HLO)
