@@ -205,9 +205,13 @@ def loadavg() -> list[float]:
 
 
 def worker_env(threads: int, device_count: int | None = None,
-               isa: str = "native") -> dict[str, str]:
-    """Environment of a worker: thread and ISA settings fixed before any import."""
+               isa: str = "native", xla_flags: tuple[str, ...] = ()) -> dict[str, str]:
+    """Environment of a worker: thread and ISA settings fixed before any import.
+
+    ``xla_flags``: more XLA flags (experiments with XLA's CPU settings).
+    """
     isa_vars, flags = cpu_isa.env(isa)
+    flags = [*flags, *xla_flags]
     if device_count is not None:
         flags.append(f"--xla_force_host_platform_device_count={device_count}")
     if threads == 1:
@@ -255,7 +259,7 @@ def default_isa() -> str:
 
 def run_worker(target: str, args: dict[str, Any], *, threads: int,
                device_count: int | None = None, timeout: float = 1800,
-               isa: str | None = None) -> dict[str, Any]:
+               isa: str | None = None, xla_flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """Runs ``target`` ("module:function") with ``**args`` in a fresh interpreter.
 
     ``isa`` (default ``default_isa()``): see ``cpu_isa``. Returns the
@@ -264,7 +268,7 @@ def run_worker(target: str, args: dict[str, Any], *, threads: int,
     """
     isa = isa or default_isa()
     env = {k: v for k, v in os.environ.items() if k not in cpu_isa.WORKER_VARS}
-    env.update(worker_env(threads, device_count, isa))
+    env.update(worker_env(threads, device_count, isa, xla_flags))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         fin, fout = Path(tmp) / "in.json", Path(tmp) / "out.json"
@@ -583,13 +587,14 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_results(name: str, out_dir: str | Path, payload: dict[str, Any], md_body: str,
-                  *, started: float, load_before: list[float], argv: list[str]) -> Path:
+                  *, started: float, load_before: list[float], argv: list[str],
+                  prog: str = "python -m experiments.benchmark") -> Path:
     """Writes ``<name>.json`` and ``<name>.md`` with the machine/provenance header."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": name,
-        "command": "python -m experiments.benchmark " + " ".join(shlex.quote(a) for a in argv),
+        "command": prog + " " + " ".join(shlex.quote(a) for a in argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
         "machine": machine_info(),

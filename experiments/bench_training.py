@@ -146,7 +146,8 @@ def torch_worker(ckpt_dir: str, steps: int, reps: int, threads: int,
 
 
 def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
-               timestep_chunk: int = 1) -> dict[str, Any]:
+               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY) -> dict[str, Any]:
+    """Our train step; ``remat_policy`` is one of ``flux.REMAT_POLICIES`` or "off"."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -156,7 +157,9 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     from prefgrpo_jax.models import flux
 
     prob = bc.Problem.from_json(problem)
-    model = flux.load_diffusers(ckpt_dir, remat=True, remat_policy=JAX_REMAT_POLICY)
+    remat = remat_policy != "off"
+    model = flux.load_diffusers(ckpt_dir, remat=remat,
+                                remat_policy=remat_policy if remat else JAX_REMAT_POLICY)
     assert model.cfg == flux.FluxConfig(**prob.model_kwargs()), model.cfg
     graphdef, params = nnx.split(model, nnx.Param)
     del model
