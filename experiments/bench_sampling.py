@@ -228,9 +228,10 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
         "compile + first run (compile also shown alone). " + cpu_isa.note(isas) + "\n",
         bc.md_table(
             ["ISA", "implementation", "steady s / group", "images/s", "first call s",
-             "compile s", "CPU util", "peak RSS MiB"],
+             "compile s", "CPU util", "CPU s / group", "peak RSS MiB"],
             [[r["isa"], r["impl"], r["steady_s"], r["images_per_s"], r["first_call_s"],
-              r.get("compile_s"), r["cpu_util"], r["peak_rss_mib"]] for r in rows]),
+              r.get("compile_s"), r["cpu_util"], r["cpu_util"] * r["steady_s"],
+              r["peak_rss_mib"]] for r in rows]),
         "",
     ]
     for isa, m in by_isa.items():

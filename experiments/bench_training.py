@@ -293,11 +293,11 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
         + cpu_isa.note(isas) + "\n",
         bc.md_table(
             ["ISA", "implementation", "steady s / update", "samples/s", "transitions/s",
-             "first call s", "compile s", "CPU util", "peak RSS MiB (process)",
+             "first call s", "compile s", "CPU util", "CPU s / update", "peak RSS MiB (process)",
              "peak RSS MiB (steps)", "RSS after setup MiB", "RSS before steps MiB"],
             [[r["isa"], r["impl"], r["steady_s"], r["samples_per_s"], r["transitions_per_s"],
-              r["first_call_s"], r["compile_s"], r["cpu_util"], r["peak_rss_mib"],
-              r["peak_rss_steps_mib"], r["rss_after_setup_mib"], r["rss_before_steps_mib"]]
+              r["first_call_s"], r["compile_s"], r["cpu_util"], r["cpu_util"] * r["steady_s"],
+              r["peak_rss_mib"], r["peak_rss_steps_mib"], r["rss_after_setup_mib"], r["rss_before_steps_mib"]]
              for r in rows]),
         "",
     ]

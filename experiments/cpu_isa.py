@@ -213,3 +213,19 @@ def note(isas: tuple[str, ...]) -> str:
             parts.append(f"`avx2` = XLA_FLAGS={AVX2_XLA_FLAG}, YNNPACK (XLA's matmuls) "
                          f"restricted to AVX2+FMA3, {variables} (`experiments/cpu_isa.py`)")
     return "ISA: " + "; ".join(parts) + "; each worker's record is in the JSON (`isa_used`)."
+
+
+def main(argv: list[str]) -> None:
+    """``python -m experiments.cpu_isa MODULE ARGS...``: runs ``python -m MODULE ARGS...``
+    under the ISA its environment names (``env(isa)`` set by the caller), with
+    YNNPACK restricted as in a benchmark worker."""
+    import runpy
+    if not argv:
+        sys.exit("usage: BENCH_ISA=avx2 ... python -m experiments.cpu_isa MODULE [ARGS...]")
+    apply_in_worker()
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
