@@ -257,6 +257,14 @@ def default_isa() -> str:
     return os.environ.get("BENCH_ISA", "native")
 
 
+def run_setup(sizes: dict[str, dict[str, Any]], size: str,
+              overrides: dict[str, Any] | None, isas: tuple[str, ...] | None):
+    """Start of a benchmark's ``run``: (start time, load average, settings, problem, ISAs)."""
+    started, load = time.time(), loadavg()
+    s = {**sizes[size], **(overrides or {})}
+    return started, load, s, PROBLEMS[s["problem"]], tuple(isas or (default_isa(),))
+
+
 def run_worker(target: str, args: dict[str, Any], *, threads: int,
                device_count: int | None = None, timeout: float = 1800,
                isa: str | None = None, xla_flags: tuple[str, ...] = ()) -> dict[str, Any]:

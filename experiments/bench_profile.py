@@ -245,10 +245,7 @@ def _side_by_side(by_isa: dict[str, dict[str, Any]]) -> list[str]:
 def run(size: str, out_dir: str, threads: int, argv: list[str],
         overrides: dict[str, Any] | None = None,
         isas: tuple[str, ...] | None = None) -> dict[str, Any]:
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
-    isas = isas or (bc.default_isa(),)
+    started, load0, s, prob, isas = bc.run_setup(SIZES, size, overrides, isas)
     by_isa = {isa: bc.run_worker("experiments.bench_profile:worker",
                                  dict(problem=prob.to_json(), batch=s["batch"], reps=s["reps"],
                                       top=s["top"], threads=threads), threads=threads, isa=isa)

@@ -202,11 +202,8 @@ def _measure(prob: bc.Problem, s: dict[str, Any], threads: int, isa: str) -> dic
 def run(size: str, out_dir: str, threads: int, argv: list[str],
         overrides: dict[str, Any] | None = None,
         isas: tuple[str, ...] | None = None) -> dict[str, Any]:
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
+    started, load0, s, prob, isas = bc.run_setup(SIZES, size, overrides, isas)
     G, S = s["group"], s["steps"]
-    isas = isas or (bc.default_isa(),)
     by_isa = {isa: _measure(prob, s, threads, isa) for isa in isas}
     rows = [r for m in by_isa.values() for r in m["rows"]]
     payload = {
