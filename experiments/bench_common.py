@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from experiments import cpu_isa
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "experiments" / "results"
 
@@ -182,14 +184,12 @@ def _git() -> dict[str, Any]:
 def machine_info() -> dict[str, Any]:
     cpu_model = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                       if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in _read("/proc/cpuinfo").splitlines()
-                  if line.startswith("flags")), [])
     mem_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
                     if line.startswith("MemTotal")), 0)
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model,
-        "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "cpu_simd": cpu_isa.cpu_flags(),
         "ram_gib": round(mem_kib / 2**20, 2),
         "platform": platform.platform(),
         "versions": _versions(),
@@ -204,9 +204,14 @@ def loadavg() -> list[float]:
         return []
 
 
-def worker_env(threads: int, device_count: int | None = None) -> dict[str, str]:
-    """Environment of a worker: thread settings fixed before any import."""
-    flags = []
+def worker_env(threads: int, device_count: int | None = None,
+               isa: str = "native", xla_flags: tuple[str, ...] = ()) -> dict[str, str]:
+    """Environment of a worker: thread and ISA settings fixed before any import.
+
+    ``xla_flags``: more XLA flags (experiments with XLA's CPU settings).
+    """
+    isa_vars, flags = cpu_isa.env(isa)
+    flags = [*flags, *xla_flags]
     if device_count is not None:
         flags.append(f"--xla_force_host_platform_device_count={device_count}")
     if threads == 1:
@@ -222,6 +227,7 @@ def worker_env(threads: int, device_count: int | None = None) -> dict[str, str]:
         "OPENBLAS_NUM_THREADS": str(threads),
         "BENCH_THREADS": str(threads),
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        **isa_vars,
     }
     return env
 
@@ -246,19 +252,37 @@ class WorkerError(RuntimeError):
     pass
 
 
+def default_isa() -> str:
+    """The ISA of workers started without an explicit one (``--isa`` sets it)."""
+    return os.environ.get("BENCH_ISA", "native")
+
+
+def run_setup(sizes: dict[str, dict[str, Any]], size: str,
+              overrides: dict[str, Any] | None, isas: tuple[str, ...] | None):
+    """Start of a benchmark's ``run``: (start time, load average, settings, problem, ISAs)."""
+    started, load = time.time(), loadavg()
+    s = {**sizes[size], **(overrides or {})}
+    return started, load, s, PROBLEMS[s["problem"]], tuple(isas or (default_isa(),))
+
+
 def run_worker(target: str, args: dict[str, Any], *, threads: int,
-               device_count: int | None = None, timeout: float = 1800) -> dict[str, Any]:
+               device_count: int | None = None, timeout: float = 1800,
+               isa: str | None = None, xla_flags: tuple[str, ...] = ()) -> dict[str, Any]:
     """Runs ``target`` ("module:function") with ``**args`` in a fresh interpreter.
 
-    Returns the function's dict plus ``_proc`` (peak RSS, wall and CPU time).
+    ``isa`` (default ``default_isa()``): see ``cpu_isa``. Returns the
+    function's dict plus ``_proc`` (peak RSS, wall and CPU time, the ISA
+    settings the worker ran with).
     """
-    env = {**os.environ, **worker_env(threads, device_count)}
+    isa = isa or default_isa()
+    env = {k: v for k, v in os.environ.items() if k not in cpu_isa.WORKER_VARS}
+    env.update(worker_env(threads, device_count, isa, xla_flags))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         fin, fout = Path(tmp) / "in.json", Path(tmp) / "out.json"
         fin.write_text(json.dumps(args))
         cmd = [sys.executable, "-m", "experiments.bench_common", target, str(fin), str(fout)]
-        print(f"  [worker] {target} threads={threads}"
+        print(f"  [worker] {target} threads={threads} isa={isa}"
               + (f" devices={device_count}" if device_count else ""), flush=True)
         proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout, capture_output=True,
                               text=True)
@@ -316,6 +340,7 @@ def rss_now_mib() -> float:
 
 
 def _worker_main(target: str, fin: str, fout: str) -> None:
+    isa_record = cpu_isa.apply_in_worker()
     threads = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, cpus[:threads])
@@ -329,6 +354,7 @@ def _worker_main(target: str, fin: str, fout: str) -> None:
         "cpu_s": round(time.process_time() - c0, 3),
         "affinity": sorted(os.sched_getaffinity(0)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "isa": cpu_isa.describe_worker(isa_record),
     }
     Path(fout).write_text(json.dumps(result, default=_json_default))
 
@@ -569,13 +595,14 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_results(name: str, out_dir: str | Path, payload: dict[str, Any], md_body: str,
-                  *, started: float, load_before: list[float], argv: list[str]) -> Path:
+                  *, started: float, load_before: list[float], argv: list[str],
+                  prog: str = "python -m experiments.benchmark") -> Path:
     """Writes ``<name>.json`` and ``<name>.md`` with the machine/provenance header."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": name,
-        "command": "python -m experiments.benchmark " + " ".join(shlex.quote(a) for a in argv),
+        "command": prog + " " + " ".join(shlex.quote(a) for a in argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
         "machine": machine_info(),

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from experiments import bench_common as bc
+from experiments import cpu_isa
 
 SIZES = {
     "tiny": dict(problem="tiny", batch=2, reps=2, top=10),
@@ -38,6 +39,14 @@ def _best(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def _cpu_util(fn, reps: int) -> float:
+    """Process CPU time / wall time over ``reps`` calls (cores kept busy, of ``threads``)."""
+    c, t = time.process_time(), time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.process_time() - c) / (time.perf_counter() - t)
 
 
 def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict[str, Any]:
@@ -61,6 +70,7 @@ def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict
     grad = jax.jit(jax.value_and_grad(lambda p: jnp.mean(vf(p, x, t, cond) ** 2)))
     j_fwd = _best(lambda: fwd(params, x, t, cond).block_until_ready(), reps)
     j_fb = _best(lambda: jax.block_until_ready(grad(params)), reps)
+    j_fb_util = _cpu_util(lambda: jax.block_until_ready(grad(params)), reps)
     # What the profile below points at (scan residual traffic): the same
     # forward+backward with each rematerialisation policy.
     remat_variants = [{"remat": "off", "fwd_bwd_s": j_fb}]
@@ -136,6 +146,7 @@ def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict
     def t_fb():
         (bc.torch_velocity(model, xt, tt, ct) ** 2).mean().backward()
     p_fwd, p_fb = _best(t_fwd, reps), _best(t_fb, reps)
+    p_fb_util = _cpu_util(t_fb, reps)
 
     # Plain GEMM throughput of each framework's CPU kernels (same square fp32 matmul).
     n = 2048 if prob.model != "tiny" else 512
@@ -155,28 +166,22 @@ def worker(problem: dict, batch: int, reps: int, top: int, threads: int) -> dict
         "forward_gflop": fwd_flops / 1e9, "gemm_fp32": gemm,
         "jax": {"fwd_s": j_fwd, "fwd_bwd_s": j_fb, "fwd_bwd_over_fwd": j_fb / j_fwd,
                 "fwd_gflops": fwd_flops / j_fwd / 1e9, "fwd_bwd_gflops": 3 * fwd_flops / j_fb / 1e9,
+                "fwd_bwd_cpu_util": j_fb_util,
                 "profiled_s_per_call": sum(per_op.values()), "remat_variants": remat_variants,
                 "by_kind": dict(kinds.most_common(12)), "top_ops": jax_top},
         "torch": {"fwd_s": p_fwd, "fwd_bwd_s": p_fb, "fwd_bwd_over_fwd": p_fb / p_fwd,
                   "fwd_gflops": fwd_flops / p_fwd / 1e9,
-                  "fwd_bwd_gflops": 3 * fwd_flops / p_fb / 1e9, "forward_top_ops": torch_top},
+                  "fwd_bwd_gflops": 3 * fwd_flops / p_fb / 1e9, "fwd_bwd_cpu_util": p_fb_util,
+                  "forward_top_ops": torch_top},
     }
 
 
-def run(size: str, out_dir: str, threads: int, argv: list[str],
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
-    r = bc.run_worker("experiments.bench_profile:worker",
-                      dict(problem=prob.to_json(), batch=s["batch"], reps=s["reps"],
-                           top=s["top"], threads=threads), threads=threads)
-    payload = {"config": {"size": size, **s, "model": prob.describe(), "dtype": "float32"},
-               "threads": bc.thread_settings_doc(threads), **r}
+def _isa_section(r: dict[str, Any], s: dict[str, Any], threads: int) -> list[str]:
+    """The markdown of one ISA's profile."""
     j, t = r["jax"], r["torch"]
-    md = [
+    return [
         f"One FLUX forward and forward+backward (gradient of mean(v^2) w.r.t. all params), "
-        f"model `{prob.model}`, batch {s['batch']}, {r['forward_gflop']:.2f} GFLOP per "
+        f"model `{s['problem']}`, batch {s['batch']}, {r['forward_gflop']:.2f} GFLOP per "
         f"forward, fp32, {threads} threads; best of {s['reps']}.\n",
         bc.md_table(["framework", "fwd s", "fwd+bwd s", "(fwd+bwd)/fwd", "fwd GFLOP/s",
                      "fwd+bwd GFLOP/s (3x fwd FLOPs)"],
@@ -210,6 +215,49 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
         bc.md_table(["aten op", "s", "calls"],
                     [[o["op"], o["s_per_call"], o["calls"]] for o in t["forward_top_ops"]]),
     ]
+
+
+def _side_by_side(by_isa: dict[str, dict[str, Any]]) -> list[str]:
+    """Headline numbers and JAX op kinds, one column per ISA."""
+    isas = list(by_isa)
+    head = [("jax fwd s", lambda r: r["jax"]["fwd_s"]),
+            ("jax fwd+bwd s", lambda r: r["jax"]["fwd_bwd_s"]),
+            ("torch fwd s", lambda r: r["torch"]["fwd_s"]),
+            ("torch fwd+bwd s", lambda r: r["torch"]["fwd_bwd_s"]),
+            ("jnp.dot GFLOP/s", lambda r: r["gemm_fp32"]["jax_gflops"]),
+            ("torch.mm GFLOP/s", lambda r: r["gemm_fp32"]["torch_gflops"]),
+            ("jax CPU util (fwd+bwd)", lambda r: r["jax"]["fwd_bwd_cpu_util"]),
+            ("torch CPU util (fwd+bwd)", lambda r: r["torch"]["fwd_bwd_cpu_util"])]
+    kinds = sorted({k for r in by_isa.values() for k in r["jax"]["by_kind"]},
+                   key=lambda k: -max(r["jax"]["by_kind"].get(k, 0) for r in by_isa.values()))
+    return [
+        "## Side by side\n",
+        bc.md_table(["measure", *isas], [[name, *(f(by_isa[i]) for i in isas)]
+                                         for name, f in head]),
+        "",
+        "JAX forward+backward, s per call by XLA op kind (remat off):\n",
+        bc.md_table(["op kind", *isas],
+                    [[k, *(by_isa[i]["jax"]["by_kind"].get(k) for i in isas)] for k in kinds]),
+        "",
+    ]
+
+
+def run(size: str, out_dir: str, threads: int, argv: list[str],
+        overrides: dict[str, Any] | None = None,
+        isas: tuple[str, ...] | None = None) -> dict[str, Any]:
+    started, load0, s, prob, isas = bc.run_setup(SIZES, size, overrides, isas)
+    by_isa = {isa: bc.run_worker("experiments.bench_profile:worker",
+                                 dict(problem=prob.to_json(), batch=s["batch"], reps=s["reps"],
+                                      top=s["top"], threads=threads), threads=threads, isa=isa)
+              for isa in isas}
+    payload = {"config": {"size": size, **s, "model": prob.describe(), "dtype": "float32",
+                          "isas": list(isas)},
+               "threads": bc.thread_settings_doc(threads), "by_isa": by_isa}
+    md = [cpu_isa.note(isas), ""]
+    if len(isas) > 1:
+        md += _side_by_side(by_isa)
+    for isa, r in by_isa.items():
+        md += [f"## ISA {isa}\n", *_isa_section(r, s, threads), ""]
     bc.write_results("profile", out_dir, payload, "\n".join(md), started=started,
                      load_before=load0, argv=argv)
     return payload

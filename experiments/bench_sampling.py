@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import bench_common as bc
+from experiments import cpu_isa
 
 SIZES = {
     "tiny": dict(problem="tiny", group=2, steps=3, reps_jax=2, reps_torch=1),
@@ -164,70 +165,82 @@ def jax_worker(problem: dict, group: int, steps: int, reps: int, ckpt_dir: str) 
 # Orchestration.
 
 
-def run(size: str, out_dir: str, threads: int, argv: list[str],
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _measure(prob: bc.Problem, s: dict[str, Any], threads: int, isa: str) -> dict[str, Any]:
+    """Both frameworks on one ISA: table rows, speed-ups, parity, raw worker output."""
     import tempfile
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
     G, S = s["group"], s["steps"]
     with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:
         ckpt = str(Path(tmp) / "transformer")
         t = bc.run_worker("experiments.bench_sampling:torch_worker",
                           dict(problem=prob.to_json(), group=G, steps=S, reps=s["reps_torch"],
                                ckpt_dir=ckpt, threads=threads, variants=["batchG", "batch1"]),
-                          threads=threads)
+                          threads=threads, isa=isa)
         j = bc.run_worker("experiments.bench_sampling:jax_worker",
                           dict(problem=prob.to_json(), group=G, steps=S, reps=s["reps_jax"],
-                               ckpt_dir=ckpt), threads=threads)
+                               ckpt_dir=ckpt), threads=threads, isa=isa)
 
-    def row(name, r, rss):
-        return {"impl": name, "steady_s": r["steady_s"], "images_per_s": G / r["steady_s"],
-                "first_call_s": r["first_call_s"], "cpu_util": r["cpu_util"],
-                "peak_rss_mib": rss}
+    def row(name, r, proc):
+        return {"isa": isa, "impl": name, "steady_s": r["steady_s"],
+                "images_per_s": G / r["steady_s"], "first_call_s": r["first_call_s"],
+                "cpu_util": r["cpu_util"], "peak_rss_mib": proc["peak_rss_mib"],
+                "isa_used": proc["isa"]}
     rows = [
-        {**row("jax (jit, lax.scan, batch=G)", j["jax"], j["_proc"]["peak_rss_mib"]),
+        {**row("jax (jit, lax.scan, batch=G)", j["jax"], j["_proc"]),
          "first_call_s": j["jax"]["first_call_total_s"],
          "compile_s": j["jax"]["compile_s"], "trace_lower_s": j["jax"]["trace_lower_s"]},
-        row("torch batch=G (per-step loop)", t["batchG"], t["_proc"]["peak_rss_mib"]),
-        row("torch batch=1 (reference: per image, per step)", t["batch1"],
-            t["_proc"]["peak_rss_mib"]),
+        row("torch batch=G (per-step loop)", t["batchG"], t["_proc"]),
+        row("torch batch=1 (reference: per image, per step)", t["batch1"], t["_proc"]),
     ]
     jax_s = j["jax"]["steady_s"]
     ratios = {
         "jax_speedup_vs_torch_batchG": t["batchG"]["steady_s"] / jax_s,
         "jax_speedup_vs_torch_batch1": t["batch1"]["steady_s"] / jax_s,
     }
+    return {"rows": rows, "ratios": ratios, "parity": j["parity"], "raw": {"jax": j, "torch": t}}
+
+
+def run(size: str, out_dir: str, threads: int, argv: list[str],
+        overrides: dict[str, Any] | None = None,
+        isas: tuple[str, ...] | None = None) -> dict[str, Any]:
+    started, load0, s, prob, isas = bc.run_setup(SIZES, size, overrides, isas)
+    G, S = s["group"], s["steps"]
+    by_isa = {isa: _measure(prob, s, threads, isa) for isa in isas}
+    rows = [r for m in by_isa.values() for r in m["rows"]]
     payload = {
         "config": {"size": size, **s, "eta": ETA, "mode": "flow", "schedule": "sd3, shift 3",
-                   "dtype": "float32", "model": prob.describe(),
+                   "dtype": "float32", "model": prob.describe(), "isas": list(isas),
                    "forward_flops_per_image": bc.forward_flops(
                        prob.model_kwargs(), 1, prob.num_img_tokens, prob.text_len)["total"]},
         "threads": bc.thread_settings_doc(threads),
         "results": rows,
-        "ratios": ratios,
-        "parity": j["parity"],
-        "raw": {"jax": j, "torch": t},
+        "ratios": {isa: m["ratios"] for isa, m in by_isa.items()},
+        "parity": {isa: m["parity"] for isa, m in by_isa.items()},
+        "raw": {isa: m["raw"] for isa, m in by_isa.items()},
     }
     md = [
         f"One group of G={G} images through S={S} Flow-GRPO SDE steps (eta {ETA}) with "
         f"per-step log-probs; model `{prob.model}` ({prob.describe()['params']:,} params, "
         f"{prob.num_img_tokens} image + {prob.text_len} text tokens), fp32, {threads} threads. "
         "steady = median of the timed calls after the first; JAX's first call = trace + "
-        "compile + first run (compile also shown alone).\n",
+        "compile + first run (compile also shown alone). " + cpu_isa.note(isas) + "\n",
         bc.md_table(
-            ["implementation", "steady s / group", "images/s", "first call s", "compile s",
-             "CPU util", "peak RSS MiB"],
-            [[r["impl"], r["steady_s"], r["images_per_s"], r["first_call_s"],
-              r.get("compile_s"), r["cpu_util"], r["peak_rss_mib"]] for r in rows]),
+            ["ISA", "implementation", "steady s / group", "images/s", "first call s",
+             "compile s", "CPU util", "CPU s / group", "peak RSS MiB"],
+            [[r["isa"], r["impl"], r["steady_s"], r["images_per_s"], r["first_call_s"],
+              r.get("compile_s"), r["cpu_util"], r["cpu_util"] * r["steady_s"],
+              r["peak_rss_mib"]] for r in rows]),
         "",
-        f"JAX speed-up: x{ratios['jax_speedup_vs_torch_batchG']:.2f} vs torch batch=G, "
-        f"x{ratios['jax_speedup_vs_torch_batch1']:.2f} vs torch batch=1 (reference form).",
-        "",
-        f"Same-weights parity (first step, G images): max|v_jax - v_torch| = "
-        f"{j['parity']['velocity_max_abs_err']:.2e} (max|v| {j['parity']['velocity_max_abs']:.2f}), "
-        f"max|logp_jax - logp_torch| = {j['parity']['log_prob_max_abs_err']:.2e}.",
     ]
+    for isa, m in by_isa.items():
+        ratios, parity = m["ratios"], m["parity"]
+        md += [
+            f"{isa}: JAX speed-up x{ratios['jax_speedup_vs_torch_batchG']:.2f} vs torch "
+            f"batch=G, x{ratios['jax_speedup_vs_torch_batch1']:.2f} vs torch batch=1 (reference "
+            f"form). Same-weights parity (first step, G images): max|v_jax - v_torch| = "
+            f"{parity['velocity_max_abs_err']:.2e} (max|v| {parity['velocity_max_abs']:.2f}), "
+            f"max|logp_jax - logp_torch| = {parity['log_prob_max_abs_err']:.2e}.",
+            "",
+        ]
     bc.write_results("sampling", out_dir, payload, "\n".join(md), started=started,
                      load_before=load0, argv=argv)
     return payload

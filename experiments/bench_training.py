@@ -22,11 +22,13 @@ in its own subprocess; peak RSS is that process's ``ru_maxrss``.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
 from experiments import bench_common as bc
+from experiments import cpu_isa
 from prefgrpo_jax import program_analysis
 
 SIZES = {
@@ -144,7 +146,8 @@ def torch_worker(ckpt_dir: str, steps: int, reps: int, threads: int,
 
 
 def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
-               timestep_chunk: int = 1) -> dict[str, Any]:
+               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY) -> dict[str, Any]:
+    """Our train step; ``remat_policy`` is one of ``flux.REMAT_POLICIES`` or "off"."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -154,7 +157,9 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     from prefgrpo_jax.models import flux
 
     prob = bc.Problem.from_json(problem)
-    model = flux.load_diffusers(ckpt_dir, remat=True, remat_policy=JAX_REMAT_POLICY)
+    remat = remat_policy != "off"
+    model = flux.load_diffusers(ckpt_dir, remat=remat,
+                                remat_policy=remat_policy if remat else JAX_REMAT_POLICY)
     assert model.cfg == flux.FluxConfig(**prob.model_kwargs()), model.cfg
     graphdef, params = nnx.split(model, nnx.Param)
     del model
@@ -208,33 +213,31 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
 # ---------------------------------------------------------------------------
 
 
-def run(size: str, out_dir: str, threads: int, argv: list[str],
-        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _measure(prob: bc.Problem, s: dict[str, Any], threads: int, isa: str) -> dict[str, Any]:
+    """The three implementations on one ISA: table rows, speed-ups, raw worker output."""
     import tempfile
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
     G, S = s["group"], s["steps"]
     k = num_train_timesteps(S)
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         ckpt = str(Path(tmp) / "transformer")
-        prep = bc.run_worker("experiments.bench_training:prepare_worker",
-                             dict(problem=prob.to_json(), group=G, steps=S, ckpt_dir=ckpt,
-                                  threads=threads), threads=threads)
-        j = bc.run_worker("experiments.bench_training:jax_worker",
-                          dict(problem=prob.to_json(), ckpt_dir=ckpt, steps=S,
-                               reps=s["reps_jax"]), threads=threads)
-        tb = bc.run_worker("experiments.bench_training:torch_worker",
-                           dict(ckpt_dir=ckpt, steps=S, reps=s["reps_torch"], threads=threads,
-                                per_sample=False), threads=threads)
-        t1 = bc.run_worker("experiments.bench_training:torch_worker",
-                           dict(ckpt_dir=ckpt, steps=S, reps=s["reps_torch"], threads=threads,
-                                per_sample=True), threads=threads)
+        worker = functools.partial(bc.run_worker, threads=threads, isa=isa)
+        prep = worker("experiments.bench_training:prepare_worker",
+                      dict(problem=prob.to_json(), group=G, steps=S, ckpt_dir=ckpt,
+                           threads=threads))
+        j = worker("experiments.bench_training:jax_worker",
+                   dict(problem=prob.to_json(), ckpt_dir=ckpt, steps=S, reps=s["reps_jax"]))
+        tb = worker("experiments.bench_training:torch_worker",
+                    dict(ckpt_dir=ckpt, steps=S, reps=s["reps_torch"], threads=threads,
+                         per_sample=False))
+        t1 = worker("experiments.bench_training:torch_worker",
+                    dict(ckpt_dir=ckpt, steps=S, reps=s["reps_torch"], threads=threads,
+                         per_sample=True))
     transitions = G * k  # (sample, timestep) pairs forwarded + backpropagated per update
 
     def row(name, r):
         tm = r["timing"]
-        return {"impl": name, "steady_s": tm["steady_s"], "samples_per_s": G / tm["steady_s"],
+        return {"isa": isa, "impl": name, "steady_s": tm["steady_s"],
+                "samples_per_s": G / tm["steady_s"],
                 "transitions_per_s": transitions / tm["steady_s"],
                 "first_call_s": tm.get("first_call_total_s", tm["first_call_s"]),
                 "compile_s": tm.get("compile_s"), "cpu_util": tm["cpu_util"],
@@ -242,24 +245,38 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
                 "peak_rss_steps_mib": r["peak_rss_steps_mib"],
                 "rss_after_setup_mib": r["rss_after_setup_mib"],
                 "rss_before_steps_mib": r["rss_before_steps_mib"],
+                "isa_used": r["_proc"]["isa"],
                 **{f"first_{m}": v for m, v in r["first_step_metrics"].items()}}
     rows = [row(f"jax train_step (jit, scan over timesteps, batch=B, remat {JAX_REMAT_POLICY})", j),
             row("torch batch=B (loop over timesteps)", tb),
             row("torch batch=1 (reference: loop over samples x timesteps)", t1)]
     ratios = {"jax_speedup_vs_torch_batchB": tb["timing"]["steady_s"] / j["timing"]["steady_s"],
               "jax_speedup_vs_torch_batch1": t1["timing"]["steady_s"] / j["timing"]["steady_s"]}
+    return {"rows": rows, "ratios": ratios, "rollout_s_torch_batchG": prep["rollout_s"],
+            "raw": {"prepare": prep, "jax": j, "torch_batchB": tb, "torch_batch1": t1}}
+
+
+def run(size: str, out_dir: str, threads: int, argv: list[str],
+        overrides: dict[str, Any] | None = None,
+        isas: tuple[str, ...] | None = None) -> dict[str, Any]:
+    started, load0, s, prob, isas = bc.run_setup(SIZES, size, overrides, isas)
+    G, S = s["group"], s["steps"]
+    k = num_train_timesteps(S)
+    transitions = G * k
+    by_isa = {isa: _measure(prob, s, threads, isa) for isa in isas}
+    rows = [r for m in by_isa.values() for r in m["rows"]]
     fwd = bc.forward_flops(prob.model_kwargs(), 1, prob.num_img_tokens, prob.text_len)["total"]
     payload = {
         "config": {"size": size, **s, "train_timesteps": k, "transitions_per_update": transitions,
                    "eta": ETA, "clip_range": CLIP_RANGE, "timestep_fraction": FRACTION,
                    "lr": LR, "weight_decay": WD, "max_grad_norm": MAX_GRAD_NORM,
                    "jax_remat_policy": JAX_REMAT_POLICY, "dtype": "float32", "model": prob.describe(),
-                   "analytic_train_flops_per_update": 3 * fwd * transitions},
+                   "analytic_train_flops_per_update": 3 * fwd * transitions, "isas": list(isas)},
         "threads": bc.thread_settings_doc(threads),
         "results": rows,
-        "ratios": ratios,
-        "rollout_s_torch_batchG": prep["rollout_s"],
-        "raw": {"prepare": prep, "jax": j, "torch_batchB": tb, "torch_batch1": t1},
+        "ratios": {isa: m["ratios"] for isa, m in by_isa.items()},
+        "rollout_s_torch_batchG": {isa: m["rollout_s_torch_batchG"] for isa, m in by_isa.items()},
+        "raw": {isa: m["raw"] for isa, m in by_isa.items()},
     }
     md = [
         f"One GRPO update: G={G} samples x {k} trained timesteps (of S={S}) = {transitions} "
@@ -269,25 +286,30 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
         "(process) covers imports, weights and (JAX) XLA compilation; peak RSS (steps) is the "
         "high-water mark of the update calls alone (kernel counter reset, freed heap trimmed, "
         "after setup and compilation); RSS after setup = resident once model, optimizer state "
-        "and batch are loaded (before compiling); RSS before steps = after compilation.\n",
+        "and batch are loaded (before compiling); RSS before steps = after compilation. "
+        + cpu_isa.note(isas) + "\n",
         bc.md_table(
-            ["implementation", "steady s / update", "samples/s", "transitions/s",
-             "first call s", "compile s", "CPU util", "peak RSS MiB (process)",
+            ["ISA", "implementation", "steady s / update", "samples/s", "transitions/s",
+             "first call s", "compile s", "CPU util", "CPU s / update", "peak RSS MiB (process)",
              "peak RSS MiB (steps)", "RSS after setup MiB", "RSS before steps MiB"],
-            [[r["impl"], r["steady_s"], r["samples_per_s"], r["transitions_per_s"],
-              r["first_call_s"], r["compile_s"], r["cpu_util"], r["peak_rss_mib"],
-              r["peak_rss_steps_mib"], r["rss_after_setup_mib"], r["rss_before_steps_mib"]]
+            [[r["isa"], r["impl"], r["steady_s"], r["samples_per_s"], r["transitions_per_s"],
+              r["first_call_s"], r["compile_s"], r["cpu_util"], r["cpu_util"] * r["steady_s"],
+              r["peak_rss_mib"], r["peak_rss_steps_mib"], r["rss_after_setup_mib"], r["rss_before_steps_mib"]]
              for r in rows]),
         "",
-        f"JAX speed-up: x{ratios['jax_speedup_vs_torch_batchB']:.2f} vs torch batch=B, "
-        f"x{ratios['jax_speedup_vs_torch_batch1']:.2f} vs torch batch=1 (reference form).",
+    ]
+    md += [f"{isa}: JAX speed-up x{m['ratios']['jax_speedup_vs_torch_batchB']:.2f} vs torch "
+           f"batch=B, x{m['ratios']['jax_speedup_vs_torch_batch1']:.2f} vs torch batch=1 "
+           "(reference form).  " for isa, m in by_isa.items()]
+    md += [
         "",
         "Same batch, same timesteps, same weights: first-update metrics agree "
         "(loss / grad-norm before clipping / mean ratio, torch log-probs from the rollout as "
         "old log-probs):\n",
-        bc.md_table(["implementation", "loss", "grad norm", "mean ratio"],
-                    [[r["impl"], f"{r['first_loss']:.6g}", f"{r['first_grad_norm']:.6g}",
-                      f"{r['first_ratio_mean']:.8f}"] for r in rows]),
+        bc.md_table(["ISA", "implementation", "loss", "grad norm", "mean ratio"],
+                    [[r["isa"], r["impl"], f"{r['first_loss']:.6g}",
+                      f"{r['first_grad_norm']:.6g}", f"{r['first_ratio_mean']:.8f}"]
+                     for r in rows]),
     ]
     bc.write_results("training", out_dir, payload, "\n".join(md), started=started,
                      load_before=load0, argv=argv)

@@ -4,7 +4,8 @@ Usage::
 
     python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
-    python -m experiments.benchmark profile [--size ...]
+        [--isa native|avx2|both]
+    python -m experiments.benchmark profile [--size ...] [--isa ...]
 
 Each benchmark writes ``<out>/<name>.json`` (all numbers, machine, versions,
 thread settings, load average, the command) and ``<out>/<name>.md`` (tables).
@@ -23,6 +24,11 @@ Every framework measurement runs in its own subprocess (see ``bench_common``).
   and without remat at two model sizes; largest group that fits a budget.
 * scaling: sampling on 1, 2, 4, 8 simulated CPU devices (weak scaling).
 
+``--isa``: the instruction set the workers may use (``experiments/cpu_isa.py``):
+``native`` (the CPU's own), ``avx2`` (an AVX-512 machine restricted to
+AVX2 in XLA, YNNPACK, ATen, MKL and oneDNN) or ``both`` (each ISA in its own
+workers, one results file with an ISA column; sampling, training and profile).
+
 ``profile`` (not part of ``all``) is a diagnostic behind those numbers: per-op
 time of one FLUX forward and forward+backward in both frameworks.
 """
@@ -30,12 +36,31 @@ time of one FLUX forward and forward+backward in both frameworks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import time
 
+from experiments import bench_common, cpu_isa
+
 BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling")
+# Benchmarks whose run() measures several ISAs into one results file.
+MULTI_ISA = ("sampling", "training", "profile")
+
+
+@contextlib.contextmanager
+def _default_isa(isa: str):
+    """Workers started inside (``bench_common.run_worker``) run on ``isa``."""
+    previous = os.environ.get("BENCH_ISA")
+    os.environ["BENCH_ISA"] = isa
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["BENCH_ISA"]
+        else:
+            os.environ["BENCH_ISA"] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +75,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="experiments/results", help="results directory")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads for each framework (default: all CPUs)")
+    parser.add_argument("--isa", choices=cpu_isa.ISA_CHOICES, default=bench_common.default_isa(),
+                        help="instruction set of the workers (default: $BENCH_ISA or native): native, avx2 (XLA, YNNPACK, ATen, "
+                             "MKL, oneDNN restricted to AVX2), or both (sampling, training, "
+                             "profile: each ISA measured, one table with an ISA column)")
     args = parser.parse_args(argv)
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    isas = cpu_isa.expand(args.isa)
+    single = [n for n in names if n not in MULTI_ISA]
+    if len(isas) > 1 and single:
+        parser.error(f"--isa both is supported by {', '.join(MULTI_ISA)}; run {', '.join(single)} "
+                     "once per ISA (--isa native, then --isa avx2, with different --out)")
     failed = []
     for name in names:
         print(f"[benchmark] {name} --size {args.size}", flush=True)
         t = time.time()
         module = importlib.import_module(f"experiments.bench_{name}")
         try:
-            module.run(args.size, args.out, args.threads, argv)
+            if name in MULTI_ISA:
+                module.run(args.size, args.out, args.threads, argv, isas=isas)
+            else:
+                with _default_isa(isas[0]):
+                    module.run(args.size, args.out, args.threads, argv)
         except Exception as e:  # noqa: BLE001 -- report, continue with the others
             if args.benchmark != "all":
                 raise

@@ -49,9 +49,12 @@ def test_sampling(tmp_path):
         assert _finite_positive(r["images_per_s"]) and _finite_positive(r["first_call_s"])
         assert _finite_positive(r["peak_rss_mib"])
     assert _finite_positive(doc["results"][0]["compile_s"])
-    assert set(doc["ratios"]) == {"jax_speedup_vs_torch_batchG", "jax_speedup_vs_torch_batch1"}
+    assert all(r["isa"] == r["isa_used"]["isa"] == "native" for r in doc["results"])
+    assert set(doc["ratios"]["native"]) == {"jax_speedup_vs_torch_batchG",
+                                            "jax_speedup_vs_torch_batch1"}
     # Same weights in both frameworks: the velocities agree.
-    assert doc["parity"]["velocity_max_abs_err"] < 1e-3 * max(1.0, doc["parity"]["velocity_max_abs"])
+    parity = doc["parity"]["native"]
+    assert parity["velocity_max_abs_err"] < 1e-3 * max(1.0, parity["velocity_max_abs"])
 
 
 def test_training(tmp_path):
@@ -64,7 +67,8 @@ def test_training(tmp_path):
     jax_row, torch_rows = doc["results"][0], doc["results"][1:]
     for t in torch_rows:  # same batch, timesteps and weights -> same gradient
         assert t["first_grad_norm"] == pytest.approx(jax_row["first_grad_norm"], rel=1e-3)
-    assert set(doc["ratios"]) == {"jax_speedup_vs_torch_batchB", "jax_speedup_vs_torch_batch1"}
+    assert set(doc["ratios"]["native"]) == {"jax_speedup_vs_torch_batchB",
+                                            "jax_speedup_vs_torch_batch1"}
 
 
 def test_pairs(tmp_path):
@@ -140,8 +144,9 @@ def test_flop_counter_matches_analytic():
 def test_profile(tmp_path):
     rc = benchmark.main(["profile", "--size", "tiny", "--out", str(tmp_path), "--threads", "1"])
     assert rc == 0
-    doc = json.loads((tmp_path / "profile.json").read_text())
+    doc = json.loads((tmp_path / "profile.json").read_text())["by_isa"]["native"]
     for fw in ("jax", "torch"):
         assert _finite_positive(doc[fw]["fwd_s"]) and _finite_positive(doc[fw]["fwd_bwd_s"])
+        assert _finite_positive(doc[fw]["fwd_bwd_cpu_util"])
     assert doc["jax"]["top_ops"] and doc["torch"]["forward_top_ops"]
     assert _finite_positive(doc["gemm_fp32"]["jax_gflops"])
