@@ -75,3 +75,17 @@ def test_debias_in_a_round_scores_both_orders(server):
     judging.submit(0, "p", imgs[0])
     np.testing.assert_array_equal(judging.result(), np.full((1, 3, 3), 0.5, np.float32))
     assert server.count == 6
+
+
+def test_matrix_of_early_groups_equals_the_rounds_result(server):
+    judge = make_judge(server)
+    imgs, levels = graded_images(n=3, g=3)
+    judging = judge.start_round(3, 3)
+    judging.submit(0, "p0", imgs[0])
+    judging.submit(1, "p1", imgs[1])
+    early = judging.matrix([0, 1])
+    assert judging.done([0, 1]) and not judging.done([2])
+    judging.submit(2, "p2", imgs[2])
+    full = judging.result()
+    np.testing.assert_array_equal(early, full[:2])
+    np.testing.assert_array_equal(full, expected_matrix(levels))

@@ -385,21 +385,44 @@ class JudgeRound:
             self._cutoff.expire()
         return not pending
 
+    def done(self, groups: Sequence[int]) -> bool:
+        """True when ``groups`` need no more waiting (judged, or the round cut off)."""
+        return all(b in self._jobs and all(f.done() for _, _, f in self._jobs[b]) for b in groups)
+
+    def matrix(self, groups: Sequence[int]) -> np.ndarray:
+        """``[len(groups), G, G]`` float32 of ``groups``, waiting for them (or the
+        deadline) first; the rest of the round keeps going."""
+        self.wait(groups)
+        return self._assemble(groups)[0]
+
     def result(self) -> np.ndarray:
-        """``[N, G, G]`` float32 once every group is judged or the deadline passed.
+        """``[N, G, G]`` float32 once every group is judged or the deadline passed;
+        counts the round in the judge's stats.
 
         Raises:
           JudgeUnavailableError: every judgment that finished in time failed.
         """
         if len(self._jobs) != self.num_groups:
             raise ValueError(f"only {len(self._jobs)} of the round's {self.num_groups} groups were submitted")
-        self.wait(range(self.num_groups))
-        n, g = self.num_groups, self.group_size
-        acc = np.zeros((n, g, g), dtype=np.float64)
-        cnt = np.zeros((n, g, g), dtype=np.float64)
+        groups = range(self.num_groups)
+        self.wait(groups)
+        P, errors, late = self._assemble(groups)
+        self.judge._bump(calls=1, late=late, ties=late, wall_s=time.monotonic() - self.started)
+        if late:
+            logger.warning("judge: %d of %d judgments were still outstanding at the step deadline "
+                           "(step_deadline_s=%g) and scored ties", late, late + len(errors),
+                           self.end - self.started)
+        self.judge._raise_if_all_failed(errors)
+        return P
+
+    def _assemble(self, groups: Sequence[int]) -> tuple[np.ndarray, list, int]:
+        """(P ``[len(groups), G, G]``, failure reasons of the judgments made in time, late count)."""
+        g = self.group_size
+        acc = np.zeros((len(groups), g, g), dtype=np.float64)
+        cnt = np.zeros((len(groups), g, g), dtype=np.float64)
         errors, late = [], 0
-        for b, jobs in self._jobs.items():
-            for i, j, future in jobs:
+        for row, b in enumerate(groups):
+            for i, j, future in self._jobs[b]:
                 score, error = future.result()  # quick once cut off: nothing waits any more
                 if error is _LATE:
                     late += 1
@@ -407,20 +430,14 @@ class JudgeRound:
                     errors.append(error)
                 # Stored in the upper triangle as the score of the lower index.
                 lo, hi, s = (i, j, score) if i < j else (j, i, 1.0 - score)
-                acc[b, lo, hi] += s
-                cnt[b, lo, hi] += 1.0
-        self.judge._bump(calls=1, late=late, ties=late, wall_s=time.monotonic() - self.started)
-        if late:
-            logger.warning("judge: %d of %d judgments were still outstanding at the step deadline "
-                           "(step_deadline_s=%g) and scored ties", late, late + len(errors),
-                           self.end - self.started)
-        self.judge._raise_if_all_failed(errors)
-        P = np.full((n, g, g), 0.5, dtype=np.float64)
+                acc[row, lo, hi] += s
+                cnt[row, lo, hi] += 1.0
+        P = np.full((len(groups), g, g), 0.5, dtype=np.float64)
         iu, ju = np.triu_indices(g, k=1)
         upper = acc[:, iu, ju] / cnt[:, iu, ju]
         P[:, iu, ju] = upper
         P[:, ju, iu] = 1.0 - upper
-        return P.astype(np.float32)
+        return P.astype(np.float32), errors, late
 
 
 class VLMJudge:
