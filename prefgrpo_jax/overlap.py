@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefgrpo_jax import grpo
+from prefgrpo_jax import grpo, sampling
 from prefgrpo_jax.rewards.registry import RewardMix
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def overlapped_updates(
     group_size: int,
     ref_params: Any = None,
     after_update: Callable[[grpo.TrainState], grpo.TrainState] | None = None,
-    before_wait: Callable[[range], None] | None = None,
+    before_wait: Callable[[range, Any], None] | None = None,
 ) -> tuple[grpo.TrainState, list[dict[str, jax.Array]], np.ndarray]:
     """``grpo.rollout_updates`` with the first update fed micro-batch by micro-batch.
 
@@ -193,8 +193,9 @@ def overlapped_updates(
         ``timesteps``), ``B = N x G`` rows, group-major.
       advantages: ``groups -> [n, G]`` fp32 advantages of those groups (may wait).
       chunks: the first update's micro-batches as ranges of groups, all the same size.
-      before_wait: called with a chunk's groups before ``advantages`` for it
-        (e.g. to wait for the accelerator first, so the judge wait is measured).
+      before_wait: ``(groups, carry)``, called before ``advantages(groups)`` with
+        the gradients in flight (e.g. to wait for the accelerator first, so that
+        the judge wait measured after it is accelerator idle time).
 
     Returns:
       ``(state, [metrics of each update], advantages [N, G])``: the same update
@@ -209,7 +210,7 @@ def overlapped_updates(
     adv = []
     for groups in chunks:
         if before_wait is not None:
-            before_wait(groups)
+            before_wait(groups, carry)
         a = advantages(groups)  # [n, G]
         adv.append(a)
         mb = jax.tree.map(lambda x: x[groups.start * per:groups.stop * per], first)
@@ -230,4 +231,51 @@ def overlapped_updates(
     return state, per_update, adv_all
 
 
-__all__ = ["Plan", "RewardStream", "group_chunks", "overlapped_updates", "plan", "stream_decoded", "to_uint8"]
+def trainer_step(trainer, traj, prompts: list[str], cond, uncond, k_train: jax.Array,
+                 window: int, window_start) -> tuple[Any, np.ndarray, list, np.ndarray, dict[str, float]]:
+    """``Trainer.step``'s rewards and updates, overlapped (``train.overlap``).
+
+    Returns:
+      ``(RewardOutput of the batch, advantages [N, G], [metrics of each update],
+      images [N, G, H, W, 3] float in [0, 1] on the host, timings)``, timings:
+      ``reward_time_s`` (decode start to the last reward in) and ``judge_wait_s``.
+    """
+    cfg = trainer.config.train
+    g = cfg.group_size
+    steps = trainer.overlap_plan
+    t0 = time.perf_counter()
+    stream = RewardStream(trainer.reward, prompts, g)
+    images = stream_decoded(lambda x: trainer.decode(trainer.vae_params, x),
+                            sampling.reward_latents(traj, cfg.reward_image), stream, steps.chunks, g)
+    # Advantages are filled in per micro-batch (or below, when all are in).
+    placeholder = jnp.zeros((len(prompts) * g,), jnp.float32)
+    batch = trainer.rollout_batch(traj, placeholder, cond, uncond, k_train, window, window_start)
+    updates = trainer.grpo.updates_per_rollout
+    if steps.per_group:
+        def before_wait(groups, carry):
+            if not stream.ready(groups):
+                jax.block_until_ready(carry)
+
+        state, per_update, _ = overlapped_updates(
+            trainer.split_step, trainer.train_step, trainer.state, batch, stream.advantages, steps.chunks,
+            updates=updates, group_size=g, ref_params=trainer.ref_params, after_update=trainer.ema_update,
+            before_wait=before_wait,
+        )
+        out = trainer.reward.from_outputs(stream.outputs())
+    else:
+        out = trainer.reward.from_outputs(stream.outputs())
+        batch["advantages"] = jnp.asarray(out.advantages, jnp.float32).reshape(-1)
+        state, per_update = grpo.rollout_updates(
+            trainer.train_step, trainer.state, batch, updates=updates, group_size=g,
+            ref_params=trainer.ref_params, after_update=trainer.ema_update,
+        )
+    trainer.state = state
+    reward_time = time.perf_counter() - t0
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    timings = {"reward_time_s": reward_time, "judge_wait_s": stream.wait_s}
+    return out, np.asarray(out.advantages, np.float32), per_update, images, timings
+
+
+__all__ = ["Plan", "RewardStream", "group_chunks", "overlapped_updates", "plan", "stream_decoded", "to_uint8",
+           "trainer_step"]

@@ -10,7 +10,8 @@ import pytest
 from prefgrpo_jax import grpo, overlap, sampling
 from prefgrpo_jax.rewards import registry
 from test_grpo import G, N_PROMPTS, rollout, toy_velocity
-from test_judge import brightness_judge, graded_images, make_judge, server  # noqa: F401
+from test_judge import graded_images, make_judge, server  # noqa: F401
+from test_train import clip_dir, test_config  # noqa: F401 (fixtures)
 
 
 def _setup(updates, micro_batches, kl_beta=0.0):
@@ -103,3 +104,39 @@ def test_reward_stream_matches_the_whole_batch_mix(server):
     got = mix.from_outputs(outputs)
     np.testing.assert_allclose(np.asarray(got.advantages), np.asarray(want.advantages), rtol=1e-6)
     assert judge.stats.requests == 2 * 4 * 3  # the stream's round and the mix's call
+
+
+@pytest.mark.slow  # ~1-2 min on 2 shared cores: loads the tiny pipeline and compiles both steps
+def test_overlapped_trainer_step_equals_the_sequential_one(test_config, server, tmp_path):
+    from test_state import _load_config
+
+    from prefgrpo_jax import train
+
+    c = _load_config(test_config)
+    c.reward.spec = {"vlm_judge": 1.0}
+    c.reward.options = {"vlm_judge": {"base_url": server.url, "model": "m", "timeout_s": 10.0}}
+    c.train.micro_batches = 2  # one group per micro-batch of each update
+    c.train.overlap = True
+    c.image_every = 0
+    server.delay_s = 0.05  # the judge answers while the first micro-batch trains
+    trainer = train.Trainer(c, tmp_path / "work")
+    assert trainer.overlap_plan.per_group
+    initial = jax.tree.map(jnp.copy, trainer.state)
+    steps = {}
+    try:
+        for overlap_on in (True, False):  # the same step 0 twice, from the same state
+            trainer.state = jax.tree.map(jnp.copy, initial)
+            if not overlap_on:
+                trainer.overlap_plan = None
+            with trainer.activations():
+                steps[overlap_on] = (trainer.step(0), jax.tree.map(np.asarray, trainer.state["params"]))
+    finally:
+        trainer.lock.release()
+    (seq, seq_params), (ovl, ovl_params) = steps[False], steps[True]
+    assert ovl["judge_wait_s"] >= 0 and "judge_wait_s" not in seq
+    assert ovl["vlm_judge/judge_requests"] == seq["vlm_judge/judge_requests"] == 2 * 6
+    assert ovl["vlm_judge/judge_late"] == 0
+    np.testing.assert_allclose(ovl["adv_std"], seq["adv_std"], rtol=1e-6)
+    np.testing.assert_allclose(ovl["loss"], seq["loss"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ovl["grad_norm"], seq["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ovl_params, seq_params)
