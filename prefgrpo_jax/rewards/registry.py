@@ -299,7 +299,7 @@ def _vlm_judge_factory(*, judge: Any = None, name: str = "vlm_judge", **judge_kw
         raise ValueError(f"{name}: give judge= or VLMJudge keywords, not both")
     return RewardSource(name, PAIRWISE, lambda prompts, images: judge.preference_matrix(
         list(prompts), np.asarray(images)), counters=lambda: judge.stats.as_dict(),
-        start_round=judge.start_round)
+        start_round=getattr(judge, "start_round", None))  # a stand-in judge may judge only whole batches
 
 
 def _clip_factory(*, path: str | None = None, model: Any = None, tokenizer: Any = None,
