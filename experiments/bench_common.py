@@ -569,13 +569,15 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_results(name: str, out_dir: str | Path, payload: dict[str, Any], md_body: str,
-                  *, started: float, load_before: list[float], argv: list[str]) -> Path:
-    """Writes ``<name>.json`` and ``<name>.md`` with the machine/provenance header."""
+                  *, started: float, load_before: list[float], argv: list[str],
+                  command: str | None = None) -> Path:
+    """Writes ``<name>.json`` and ``<name>.md`` with the machine/provenance header
+    (``command``: how it was run; default ``python -m experiments.benchmark <argv>``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "benchmark": name,
-        "command": "python -m experiments.benchmark " + " ".join(shlex.quote(a) for a in argv),
+        "command": command or "python -m experiments.benchmark " + " ".join(shlex.quote(a) for a in argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
         "machine": machine_info(),
