@@ -331,7 +331,8 @@ class JudgeRound:
     ``wait(groups)`` blocks until those groups are judged or the step deadline
     passes; ``result()`` waits for all and returns ``P [N, G, G]`` float32.
 
-    When the deadline (``deadline_s`` from the round's start; None: none) passes,
+    When the deadline (``deadline_s`` from the first ``submit``, when judging can
+    start; None: none) passes,
     every judgment still queued or in flight is cut off (its socket shut, its
     backoff woken) and scored 0.5, counted in the judge's ``late`` and ``ties``.
     """
@@ -342,8 +343,8 @@ class JudgeRound:
             raise ValueError(f"a round needs >= 1 group of >= 2 images, got {num_groups} x {group_size}")
         self.judge = judge
         self.num_groups, self.group_size = int(num_groups), int(group_size)
-        self.started = time.monotonic()
-        self.end = None if deadline_s is None else self.started + float(deadline_s)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
+        self.started = self.end = None  # set by the first submit
         self._cutoff = _Watch()
         self._jobs: dict[int, list] = {}  # group -> [(i, j, swapped, future)]
 
@@ -360,6 +361,9 @@ class JudgeRound:
         if arr.shape[0] != self.group_size:
             raise ValueError(f"group {b} holds {arr.shape[0]} images, the round {self.group_size}")
         judge, cutoff = self.judge, self._cutoff
+        if self.started is None:
+            self.started = time.monotonic()
+            self.end = None if self.deadline_s is None else self.started + self.deadline_s
         urls = [judge._encode(image) for image in arr]
         pool = judge._pool()
         jobs = []
@@ -410,8 +414,7 @@ class JudgeRound:
         self.judge._bump(calls=1, late=late, ties=late, wall_s=time.monotonic() - self.started)
         if late:
             logger.warning("judge: %d of %d judgments were still outstanding at the step deadline "
-                           "(step_deadline_s=%g) and scored ties", late, late + len(errors),
-                           self.end - self.started)
+                           "(step_deadline_s=%g) and scored ties", late, late + len(errors), self.deadline_s)
         self.judge._raise_if_all_failed(errors)
         return P
 
@@ -880,7 +883,7 @@ class VLMJudge:
 
     def start_round(self, num_groups: int, group_size: int) -> "JudgeRound":
         """A step's pairwise judging, fed one group at a time (see :class:`JudgeRound`);
-        its deadline, ``step_deadline_s``, runs from now."""
+        its deadline, ``step_deadline_s``, runs from the first group submitted."""
         if self._closed:
             raise RuntimeError("VLMJudge is closed")
         return JudgeRound(self, num_groups, group_size, self.step_deadline_s)
