@@ -149,7 +149,6 @@ def run_case(case: Case, attention: str, reps: int) -> dict[str, Any]:
                                 jax.random.key(1), num_steps=case.steps, k=k)
     del traj
     state = grpo.init_train_state(params, opt)
-    del params
     raw_step = grpo.make_train_step(velocity_fn, sampler, gcfg, opt, jit=False)
     flops = program_analysis.jaxpr_flops(jax.make_jaxpr(raw_step)(state, batch, key))["dot_flops"]
     step_fn = grpo.make_train_step(velocity_fn, sampler, gcfg, opt)

@@ -29,7 +29,6 @@ Single process only: the chunked decode slices the global batch by rows.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,8 +39,6 @@ import numpy as np
 
 from prefgrpo_jax import grpo, sampling
 from prefgrpo_jax.rewards.registry import RewardMix
-
-log = logging.getLogger(__name__)
 
 
 @jax.jit
