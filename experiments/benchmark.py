@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|all>
+    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|overlap|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
         [--isa native|avx2|both]
     python -m experiments.benchmark profile [--size ...] [--isa ...]
@@ -23,6 +23,8 @@ Every framework measurement runs in its own subprocess (see ``bench_common``).
 * memory: compiled memory analysis and measured peak RSS of a train step with
   and without remat at two model sizes; largest group that fits a budget.
 * scaling: sampling on 1, 2, 4, 8 simulated CPU devices (weak scaling).
+* overlap: one training step with a fake judge of realistic latency, the judge
+  overlapped with decoding and training (``train.overlap``) vs sequential.
 
 ``--isa``: the instruction set the workers may use (``experiments/cpu_isa.py``):
 ``native`` (the CPU's own), ``avx2`` (an AVX-512 machine restricted to
@@ -44,7 +46,7 @@ import time
 
 from experiments import bench_common, cpu_isa
 
-BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling")
+BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling", "overlap")
 # Benchmarks whose run() measures several ISAs into one results file.
 MULTI_ISA = ("sampling", "training", "profile")
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark", choices=(*BENCHMARKS, "all", "profile"),
-                        help="one benchmark, all six, or 'profile' (a diagnostic: per-op "
+                        help="one benchmark, all seven, or 'profile' (a diagnostic: per-op "
                              "time of a forward / forward+backward, JAX vs PyTorch)")
     parser.add_argument("--size", choices=("tiny", "medium"), default="medium",
                         help="problem size (tiny: smoke test, seconds; medium: the default)")

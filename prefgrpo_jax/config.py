@@ -290,6 +290,8 @@ def _check_update_fields(config: ml_collections.ConfigDict, check) -> None:
     check("train.adv_norm", t.adv_norm in ADV_NORMS, f"must be one of {ADV_NORMS}")
     check("train.kl_form", t.kl_form in grpo.KL_FORMS, f"must be one of {grpo.KL_FORMS}")
     check("train.rationorm", isinstance(t.rationorm, bool), "must be True or False")
+    check("train.overlap", isinstance(t.overlap, bool),
+          "must be True or False (True: judge each group as it is decoded and train while judging)")
     check("reward.gdpo", isinstance(config.reward.gdpo, bool), "must be True or False")
     cfg_scale = t.cfg_scale
     check("train.cfg_scale", isinstance(cfg_scale, (int, float)) and cfg_scale >= 1.0,
@@ -432,6 +434,9 @@ def base_config() -> ml_collections.ConfigDict:
     # last SDE sample (still noisy).
     c.train.reward_image = "x0_pred"
     c.train.cfg_scale = 1.0  # > 1: classifier-free guidance with the empty prompt
+    # Overlapped step (prefgrpo_jax/overlap.py): groups go to the judge as they are
+    # decoded, micro-batches train as their groups' advantages come in. One process.
+    c.train.overlap = False
     c.train.max_consecutive_nonfinite = 5
     # Stop when a weighted reward source gives flat advantages (every image of
     # every group rewarded alike) this many steps in a row; 0 = never.

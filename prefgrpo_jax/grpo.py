@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -219,6 +219,20 @@ def _repeat_each(tree: Any, c: int) -> Any:
     return jax.tree.map(lambda a: jnp.repeat(a, c, axis=0), tree)
 
 
+class SplitStep(NamedTuple):
+    """``make_train_step(..., split=True)``: one optimizer update, micro-batch by micro-batch.
+
+    ``carry = start(state)``; ``carry = add(state, carry, micro_batch, ref_params)``
+    for each micro-batch (any rows; the sum over them is the update: the
+    micro-batches must all be the same size for the loss scale of
+    ``micro_batches`` equal parts); ``state, metrics = finish(state, carry)``.
+    """
+
+    start: Callable[[TrainState], Any]
+    add: Callable[..., Any]
+    finish: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
+
+
 def make_train_step(
     velocity_fn: sampling.VelocityFn,
     sampler: sampling.SamplerConfig,
@@ -227,7 +241,8 @@ def make_train_step(
     *,
     jit: bool = True,
     jit_kwargs: dict | None = None,
-) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    split: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]] | SplitStep:
     """Builds ``train_step(state, batch, key, ref_params=None) -> (state, metrics)``.
 
     ``batch`` holds (B = samples of this update, S = sampler.num_steps):
@@ -239,7 +254,12 @@ def make_train_step(
     ``ref_params`` (needed iff ``grpo.kl_beta > 0``) is the frozen reference.
 
     With ``jit`` the step is jitted with the state donated; ``jit_kwargs`` adds
-    e.g. ``in_shardings``/``out_shardings``.
+    e.g. ``in_shardings``/``out_shardings`` (with ``split``: to ``finish``).
+
+    With ``split`` it returns the same update as a :class:`SplitStep` whose
+    micro-batches are fed one call at a time, each as soon as its samples'
+    advantages exist (the overlapped step); each ``batch`` given to ``add``
+    is one micro-batch and must hold its ``timesteps``.
     """
     if sampler.mode not in sampling.STEP_MODES:
         raise ValueError(f"GRPO trains SDE transitions; sampler.mode={sampler.mode!r} has none")
@@ -296,10 +316,8 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None):
-        if grpo.kl_beta > 0 and ref_params is None:
-            raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
-        params = state["params"]
+    def check_batch(batch: dict, micro_batches: int) -> tuple[int, jax.Array]:
+        """Shape checks; returns ``(B, idx [B, k])`` (the trained step indices)."""
         latents = batch["latents"]
         B = latents.shape[0]
         chex.assert_shape(latents, (B, num_steps + 1, None, None))
@@ -310,71 +328,80 @@ def make_train_step(
                 raise ValueError("rationorm needs the rollout's transition means in batch['means'] "
                                  "(sample with SamplerConfig(return_means=True))")
             chex.assert_shape(batch["means"], (B, num_steps) + latents.shape[2:])
-        if B % grpo.micro_batches:
-            raise ValueError(f"batch {B} is not divisible by micro_batches={grpo.micro_batches}")
-        b = B // grpo.micro_batches
+        if B % micro_batches:
+            raise ValueError(f"batch {B} is not divisible by micro_batches={micro_batches}")
         if "timesteps" in batch:
-            idx = batch["timesteps"]
-            chex.assert_shape(idx, (B, k))
-        elif grpo.sde_window:
+            chex.assert_shape(batch["timesteps"], (B, k))
+            return B, batch["timesteps"]
+        if grpo.sde_window:
             raise ValueError("with sde_window the batch needs its timesteps (with_timesteps and the window start)")
-        else:
-            idx = select_timesteps(key, B, num_steps, k)
+        raise ValueError("the batch needs its timesteps [B, k] (with_timesteps)")
+
+    def split_micro(batch: dict, idx: jax.Array, micro_batches: int) -> dict:
+        """The batch as ``micro_batches`` stacked micro-batches ``[M, b, ...]``."""
+        b = batch["latents"].shape[0] // micro_batches
 
         def micro(a):  # [B, ...] -> [micro_batches, b, ...], strided
             # Micro-batch m takes rows m, m + M, m + 2M, ...: with the batch split
             # over devices in contiguous blocks, every micro-batch spans every
             # device (contiguous slices would leave devices idle and reshard).
             # The update sums over all micro-batches, so only the order changes.
-            strided = a.reshape((b, grpo.micro_batches) + a.shape[1:]).swapaxes(0, 1)
+            strided = a.reshape((b, micro_batches) + a.shape[1:]).swapaxes(0, 1)
             return sharding.constrain(strided, (None, "batch") + (None,) * (a.ndim - 1))
 
-        micro_batches = {
-            "latents": micro(latents),
+        return {
+            "latents": micro(batch["latents"]),
             "log_probs": micro(batch["log_probs"].astype(jnp.float32)),
             "means": jax.tree.map(micro, batch.get("means") if grpo.rationorm else None),
             "adv": micro(batch["advantages"].astype(jnp.float32)),
-            "idx": micro(idx).reshape(grpo.micro_batches, b, n_chunks, c).swapaxes(1, 2),  # [M, n, b, c]
+            "idx": micro(idx).reshape(micro_batches, b, n_chunks, c).swapaxes(1, 2),  # [M, n, b, c]
             "cond": jax.tree.map(micro, batch["cond"]),
             "uncond": jax.tree.map(micro, batch.get("uncond")),
         }
+
+    def zero_carry(params):
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zero_aux = {
             "loss": 0.0, "ratio_sum": 0.0, "ratio_min": jnp.inf, "ratio_max": -jnp.inf,
-            "clipped": 0.0, "approx_kl": 0.0, "kl_ref": 0.0,
+            "clipped": 0.0, "approx_kl": 0.0, "kl_ref": 0.0, "samples": 0.0,
         }
-        zero_aux = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), zero_aux)
+        return zero_grads, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), zero_aux)
 
-        def accumulate(carry, mb):
-            def over_chunks(carry, ti):  # ti [b, c]
-                grads, acc = carry
-                x = _gather_steps(mb["latents"], ti)
-                x_next = _gather_steps(mb["latents"], ti + 1)
-                logp_old = _gather_steps(mb["log_probs"][..., None], ti)[:, 0]
-                mean_old = None if mb["means"] is None else _gather_steps(mb["means"], ti)
-                adv = jnp.repeat(mb["adv"], c)
-                cond = _repeat_each(mb["cond"], c)
-                uncond = _repeat_each(mb["uncond"], c)
-                (loss, aux), g = grad_fn(
-                    params, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
-                    cond, uncond,
-                )
-                grads = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), grads, g)
-                acc = {
-                    "loss": acc["loss"] + loss,
-                    "ratio_sum": acc["ratio_sum"] + aux["ratio_sum"],
-                    "ratio_min": jnp.minimum(acc["ratio_min"], aux["ratio_min"]),
-                    "ratio_max": jnp.maximum(acc["ratio_max"], aux["ratio_max"]),
-                    "clipped": acc["clipped"] + aux["clipped"],
-                    "approx_kl": acc["approx_kl"] + aux["approx_kl"],
-                    "kl_ref": acc["kl_ref"] + aux["kl_ref"],
-                }
-                return (grads, acc), None
+    def accumulate(params, ref_params, carry, mb):
+        """Adds one micro-batch's gradient and statistics to ``carry``."""
+        def over_chunks(carry, ti):  # ti [b, c]
+            grads, acc = carry
+            x = _gather_steps(mb["latents"], ti)
+            x_next = _gather_steps(mb["latents"], ti + 1)
+            logp_old = _gather_steps(mb["log_probs"][..., None], ti)[:, 0]
+            mean_old = None if mb["means"] is None else _gather_steps(mb["means"], ti)
+            adv = jnp.repeat(mb["adv"], c)
+            cond = _repeat_each(mb["cond"], c)
+            uncond = _repeat_each(mb["uncond"], c)
+            (loss, aux), g = grad_fn(
+                params, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
+                cond, uncond,
+            )
+            grads = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), grads, g)
+            acc = {
+                "loss": acc["loss"] + loss,
+                "ratio_sum": acc["ratio_sum"] + aux["ratio_sum"],
+                "ratio_min": jnp.minimum(acc["ratio_min"], aux["ratio_min"]),
+                "ratio_max": jnp.maximum(acc["ratio_max"], aux["ratio_max"]),
+                "clipped": acc["clipped"] + aux["clipped"],
+                "approx_kl": acc["approx_kl"] + aux["approx_kl"],
+                "kl_ref": acc["kl_ref"] + aux["kl_ref"],
+                "samples": acc["samples"],
+            }
+            return (grads, acc), None
 
-            carry, _ = jax.lax.scan(over_chunks, carry, mb["idx"])
-            return carry, None
+        (grads, acc), _ = jax.lax.scan(over_chunks, carry, mb["idx"])
+        return grads, {**acc, "samples": acc["samples"] + mb["adv"].shape[0]}
 
-        (grads, acc), _ = jax.lax.scan(accumulate, (zero_grads, zero_aux), micro_batches)
+    def finish(state: TrainState, carry) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update from the accumulated gradients, and the metrics."""
+        grads, acc = carry
+        params = state["params"]
         grad_norm = optax.global_norm(grads)
         # A non-finite loss with finite gradients must not slip through either.
         finite = jnp.isfinite(acc["loss"]) & jnp.isfinite(grad_norm)
@@ -382,7 +409,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_params = jax.tree.map(lambda n, o: n.astype(o.dtype), new_params, params)
-        n_elem = B * k
+        n_elem = acc["samples"] * k
         metrics = {
             "loss": acc["loss"],
             "clip_fraction": acc["clipped"] / n_elem,
@@ -397,6 +424,40 @@ def make_train_step(
         new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
+    def check_ref(ref_params):
+        if grpo.kl_beta > 0 and ref_params is None:
+            raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
+
+    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None):
+        check_ref(ref_params)
+        if "timesteps" not in batch and not grpo.sde_window:
+            batch = {**batch, "timesteps": select_timesteps(key, batch["latents"].shape[0], num_steps, k)}
+        _, idx = check_batch(batch, grpo.micro_batches)
+        params = state["params"]
+        carry, _ = jax.lax.scan(
+            lambda carry, mb: (accumulate(params, ref_params, carry, mb), None),
+            zero_carry(params), split_micro(batch, idx, grpo.micro_batches),
+        )
+        return finish(state, carry)
+
+    if split:
+        def start(state: TrainState):
+            return zero_carry(state["params"])
+
+        def add(state: TrainState, carry, batch: dict, ref_params: Any = None):
+            check_ref(ref_params)
+            _, idx = check_batch(batch, 1)
+            mb = jax.tree.map(lambda a: a[0], split_micro(batch, idx, 1))
+            return accumulate(state["params"], ref_params, carry, mb)
+
+        if not jit:
+            return SplitStep(start, add, finish)
+        kw = dict(jit_kwargs or {})
+        return SplitStep(
+            jax.jit(start),
+            jax.jit(add, donate_argnums=(1,)),
+            jax.jit(finish, donate_argnums=(0,), **kw),
+        )
     if not jit:
         return train_step
     return jax.jit(train_step, donate_argnums=(0,), **(jit_kwargs or {}))
@@ -515,6 +576,7 @@ def rollout_batch(
 __all__ = [
     "GRPOConfig",
     "KL_FORMS",
+    "SplitStep",
     "TrainState",
     "clipped_surrogate",
     "combine_update_metrics",

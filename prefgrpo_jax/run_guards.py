@@ -45,7 +45,7 @@ def tree_all_finite(tree: Any) -> bool:
 
 def source_counters(before: Mapping[str, float], after: Mapping[str, float], name: str) -> dict[str, float]:
     """``{f"{name}/judge_{k}": after[k] - before[k]}`` for the request counters of one step."""
-    keys = ("requests", "failed", "retried", "unparseable")
+    keys = ("requests", "failed", "retried", "unparseable", "late")
     return {f"{name}/judge_{k}": float(after[k] - before[k]) for k in keys if k in after}
 
 

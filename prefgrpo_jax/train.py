@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, run_guards, sampling, sharding, workdir_lock
+from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, overlap, run_guards, sampling, sharding, workdir_lock
 from prefgrpo_jax import ema as ema_lib
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
@@ -35,7 +35,7 @@ from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend
 
 log = logging.getLogger(__name__)
 # Metrics that measure wall time: they differ between otherwise identical runs.
-TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s", "eval_time_s")
+TIMING_KEYS = ("step_time_s", "samples_per_s", "reward_time_s", "eval_time_s", "judge_wait_s")
 
 
 class NonFiniteError(RuntimeError):
@@ -225,6 +225,9 @@ class Trainer:
             adv_clip_max=t.adv_clip_max, adv_norm=t.adv_norm,
             gdpo=bool(config.reward.gdpo),
         )
+        self.overlap_plan = self.split_step = None
+        if t.overlap:
+            self._setup_overlap()
         source = prompt_source(config, self.workdir)
         self.local_prompts = t.prompts_per_step // jax.process_count()
         self.stream = data.PromptStream(
@@ -240,6 +243,23 @@ class Trainer:
         self.summary = startup_summary(
             config, self.mesh, abstract_state["params"], abstract_state["opt_state"], frozen,
             self.sampler, self.grpo,
+        )
+
+    def _setup_overlap(self) -> None:
+        """The overlapped step's plan and its micro-batch-by-micro-batch update."""
+        t = self.config.train
+        if jax.process_count() > 1:
+            raise config_lib.ConfigError(
+                f"config.train.overlap=True runs in one process (the chunked decode slices the "
+                f"global batch by rows), not {jax.process_count()}: set it False")
+        self.overlap_plan = overlap.plan(t.prompts_per_step, t.micro_batches, t.adv_norm,
+                                         bool(self.config.reward.gdpo))
+        if not self.overlap_plan.per_group:
+            log.warning("train.overlap: the update waits for every reward (%s); only decoding and "
+                        "judging overlap", self.overlap_plan.reason)
+        self.split_step = grpo.make_train_step(
+            self.velocity_fn, self.sampler, self.grpo, self.optimizer, split=True,
+            jit_kwargs={"out_shardings": (self.state_shardings, sharding.replicated(self.mesh))},
         )
 
     # -- one step -------------------------------------------------------------
@@ -289,34 +309,19 @@ class Trainer:
             self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape,
             uncond, None, window_start,
         )
-        images = self.decode(self.vae_params, sampling.reward_latents(traj, cfg.reward_image))
-        local_images = self.local_rows(images)
-        local_images = local_images.reshape(self.local_prompts, g, *local_images.shape[1:])
-        t_reward = time.perf_counter()
-        # Each process judges its own groups; the small outputs (scores or P) are
-        # gathered so advantages and diagnostics are computed on the global batch
-        # identically everywhere, then each process keeps its rows.
         counted = {name: src.counters for name, src in self.reward.sources.items() if src.counters}
         before = {name: dict(read()) for name, read in counted.items()}
-        local_outputs = {name: src(prompts, local_images) for name, src in self.reward.sources.items()}
-        reward_time = time.perf_counter() - t_reward
+        if self.overlap_plan is not None:
+            out, adv_all, per_update, local_images, timings = overlap.trainer_step(
+                self, traj, prompts, cond, uncond, k_train, window, window_start)
+            reward_time = timings["reward_time_s"]
+        else:
+            out, adv_all, per_update, local_images, reward_time = self._rewards_and_updates(
+                traj, prompts, cond, uncond, k_train, window, window_start)
+            timings = {}
         request_counts = {}
         for name, read in counted.items():
             request_counts.update(run_guards.source_counters(before[name], read(), name))
-        outputs = {name: sharding.allgather_host(v) for name, v in local_outputs.items()}
-        out = self.reward.from_outputs(outputs)
-        adv_all = np.asarray(out.advantages, np.float32)
-        rows = slice(jax.process_index() * self.local_prompts, (jax.process_index() + 1) * self.local_prompts)
-        advantages = sharding.from_process_local(adv_all[rows].reshape(-1), self.mesh)
-        batch = grpo.with_timesteps(
-            grpo.rollout_batch(traj, advantages, cond, uncond), k_train,
-            num_steps=self.sampler.num_steps, k=self.grpo.num_train_timesteps(self.sampler.num_steps),
-            window=window, window_start=window_start,
-        )
-        self.state, per_update = grpo.rollout_updates(
-            self.train_step, self.state, batch, updates=self.grpo.updates_per_rollout, group_size=g,
-            ref_params=self.ref_params, after_update=self.ema_update,
-        )
         metrics = grpo.combine_update_metrics([sharding.to_host(m) for m in per_update])
         primary = self.config.reward.monitor or max(
             self.reward.weights, key=lambda k: self.reward.weights[k]
@@ -339,10 +344,48 @@ class Trainer:
             metrics.update(zip(request_counts, map(float, totals)))
         elapsed = time.perf_counter() - t0
         metrics["reward_time_s"] = reward_time
+        if "judge_wait_s" in timings:
+            metrics["judge_wait_s"] = timings["judge_wait_s"]
         metrics["step_time_s"] = elapsed
         metrics["samples_per_s"] = cfg.prompts_per_step * g / elapsed
         self._last_images = (prompts, local_images)
         return metrics
+
+    def _rewards_and_updates(self, traj, prompts, cond, uncond, k_train, window, window_start):
+        """Decode, rewards, advantages and updates one after the other (not ``train.overlap``).
+
+        Returns ``(RewardOutput, advantages [N, G], [metrics of each update],
+        this process's images [n, G, H, W, 3], reward seconds)``."""
+        cfg = self.config.train
+        g = cfg.group_size
+        images = self.decode(self.vae_params, sampling.reward_latents(traj, cfg.reward_image))
+        local_images = self.local_rows(images)
+        local_images = local_images.reshape(self.local_prompts, g, *local_images.shape[1:])
+        t_reward = time.perf_counter()
+        # Each process judges its own groups; the small outputs (scores or P) are
+        # gathered so advantages and diagnostics are computed on the global batch
+        # identically everywhere, then each process keeps its rows.
+        local_outputs = {name: src(prompts, local_images) for name, src in self.reward.sources.items()}
+        reward_time = time.perf_counter() - t_reward
+        outputs = {name: sharding.allgather_host(v) for name, v in local_outputs.items()}
+        out = self.reward.from_outputs(outputs)
+        adv_all = np.asarray(out.advantages, np.float32)
+        rows = slice(jax.process_index() * self.local_prompts, (jax.process_index() + 1) * self.local_prompts)
+        advantages = sharding.from_process_local(adv_all[rows].reshape(-1), self.mesh)
+        batch = self.rollout_batch(traj, advantages, cond, uncond, k_train, window, window_start)
+        self.state, per_update = grpo.rollout_updates(
+            self.train_step, self.state, batch, updates=self.grpo.updates_per_rollout, group_size=g,
+            ref_params=self.ref_params, after_update=self.ema_update,
+        )
+        return out, adv_all, per_update, local_images, reward_time
+
+    def rollout_batch(self, traj, advantages, cond, uncond, k_train, window, window_start) -> dict:
+        """The rollout as a ``train_step`` batch with its trained timesteps drawn."""
+        return grpo.with_timesteps(
+            grpo.rollout_batch(traj, advantages, cond, uncond), k_train,
+            num_steps=self.sampler.num_steps, k=self.grpo.num_train_timesteps(self.sampler.num_steps),
+            window=window, window_start=window_start,
+        )
 
     # -- the loop -------------------------------------------------------------
 

@@ -71,6 +71,21 @@ def test_training(tmp_path):
                                             "jax_speedup_vs_torch_batch1"}
 
 
+def test_overlap(tmp_path):
+    doc = _run("overlap", tmp_path)
+    raw = doc["raw"]
+    pairs = doc["config"]["prompts"] * 4 * 3 // 2  # G = 4 at the tiny size
+    assert raw["pairs_per_step"] == pairs
+    for variant in ("sequential", "overlapped"):
+        x = doc["summary"][variant]
+        assert _finite_positive(x["step_s"]) and x["judge_wait_s"] >= 0
+        # Every pair of every group reached the fake judge, once, in every step.
+        assert all(step["requests"] == pairs for step in raw["steps"][variant])
+    # The judging is at least one wave of latency; sequentially the step waits for all of it.
+    assert doc["summary"]["sequential"]["judge_wait_s"] >= doc["config"]["latency_s"]
+    assert _finite_positive(doc["speedup"])
+
+
 def test_pairs(tmp_path):
     doc = _run("pairs", tmp_path)
     groups = [r["group"] for r in doc["results"]]

@@ -513,7 +513,7 @@ def test_bad_inputs_raise_value_error():
         (["a", "b"], ok * 2.0),  # out of range
         (["a", "b"], ok - 0.5),  # negative
         (["a", "b"], np.where(ok > 0.5, np.nan, ok)),  # NaN
-        (["a", "b"], (ok * 255).astype(np.uint8)),  # integer dtype
+        (["a", "b"], (ok * 255).astype(np.int32)),  # integer other than uint8
         ("ab", ok),  # a string is not a list of prompts
         (["a", 3], ok),  # non-str prompt
     ]
@@ -528,6 +528,7 @@ def test_bad_inputs_raise_value_error():
         dict(retries=-1),
         dict(backoff_s=-1.0),
         dict(max_tokens=0),
+        dict(step_deadline_s=0.0),
     ):
         with pytest.raises(ValueError):
             VLMJudge("http://127.0.0.1:9", MODEL, **kw)

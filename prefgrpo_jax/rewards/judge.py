@@ -29,6 +29,10 @@ Differences from the reference client, all opt-in or purely defensive:
   only; a 3xx is a non-retried failure naming where the server pointed.
 * if *every* request of a call fails, :class:`JudgeUnavailableError` is raised:
   an unreachable judge must not silently turn into all-0.5 rewards.
+* a step can judge group by group (:meth:`VLMJudge.start_round`): each group's
+  pairs are sent as soon as its images exist, and a per-step deadline
+  (``step_deadline_s``) turns the pairs still outstanding into ties, counted as
+  ``late``, instead of holding the step (and every accelerator) hostage.
 
 Only the standard library, numpy and pillow are used.
 """
@@ -36,6 +40,7 @@ Only the standard library, numpy and pillow are used.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import http.client
 import io
@@ -58,6 +63,7 @@ from PIL import Image
 __all__ = [
     "DEFAULT_PAIRWISE_PROMPT",
     "DEFAULT_TESTPOINT_PROMPT",
+    "JudgeRound",
     "JudgeStats",
     "JudgeUnavailableError",
     "VLMJudge",
@@ -137,7 +143,8 @@ class JudgeStats:
     failed:      judgments with no usable HTTP response after all retries
     unparseable: judgments whose reply held neither or both verdicts (pairwise)
                  or missed a verdict for at least one testpoint (testpoints)
-    ties:        pairwise judgments scored 0.5 (= their failed + unparseable)
+    ties:        pairwise judgments scored 0.5 (= their failed + unparseable + late)
+    late:        pairwise judgments still outstanding at a round's step deadline
     retried:     extra HTTP attempts made because of retriable errors
     calls:       ``preference_matrix`` / ``testpoint_scores`` calls
     wall_s:      total wall-clock seconds spent in them
@@ -147,6 +154,7 @@ class JudgeStats:
     failed: int = 0
     unparseable: int = 0
     ties: int = 0
+    late: int = 0
     retried: int = 0
     calls: int = 0
     wall_s: float = 0.0
@@ -197,7 +205,10 @@ def parse_testpoints(text: Optional[str], num_testpoints: int) -> list[Optional[
 
 
 def image_to_uint8(image: np.ndarray) -> np.ndarray:
-    """``[..., 3]`` float image in [0, 1] -> uint8 (round to nearest), as saved to PNG."""
+    """``[..., 3]`` float image in [0, 1] -> uint8 (round to nearest), as saved to PNG;
+    uint8 images (converted on the accelerator, 4x less to move) pass through."""
+    if np.asarray(image).dtype == np.uint8:
+        return np.asarray(image)
     return np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -205,7 +216,7 @@ IMAGE_FORMATS = ("jpeg", "png")
 
 
 def encode_image_data_url(image: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> str:
-    """``[H, W, 3]`` float image in [0, 1] -> ``data:image/<format>;base64,...``.
+    """``[H, W, 3]`` float image in [0, 1] (or uint8) -> ``data:image/<format>;base64,...``.
 
     JPEG at quality 95 is what the reference sends its judge (the images the
     judge was trained and evaluated on were JPEGs), and what UniGenBench's
@@ -231,6 +242,7 @@ class _Watch:
 
     def __init__(self):
         self.expired = False
+        self.event = threading.Event()  # set on expiry: wakes a backoff sleeping on it
         self._sockets: list = []
         self._lock = threading.Lock()
 
@@ -245,6 +257,7 @@ class _Watch:
         with self._lock:
             self.expired = True
             sockets = list(self._sockets)
+        self.event.set()
         for sock in sockets:
             _shutdown(sock)
 
@@ -256,16 +269,19 @@ def _shutdown(sock) -> None:
         pass
 
 
-_current_watch = threading.local()  # the calling thread's _Watch (urllib opens in that thread)
+# The calling thread's _Watch of the attempt and, inside a JudgeRound, the round's
+# (urllib opens the connection in that thread).
+_current_watch = threading.local()
 
 
 def _watched(connection_cls):
     class Watched(connection_cls):
         def connect(self):
             super().connect()
-            watch = getattr(_current_watch, "watch", None)
-            if watch is not None:
-                watch.add(self.sock)
+            for name in ("watch", "cutoff"):
+                watch = getattr(_current_watch, name, None)
+                if watch is not None:
+                    watch.add(self.sock)
 
     Watched.__name__ = f"Watched{connection_cls.__name__}"
     return Watched
@@ -293,12 +309,138 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+# The error of a judgment cut off by its round's step deadline: a tie counted as
+# ``late``, not as a failure (the judge answered too slowly, it is not down).
+_LATE = "the step deadline passed"
+
+
 class _Failure(Exception):
     def __init__(self, reason: str, retriable: bool, retry_after: Optional[float] = None):
         super().__init__(reason)
         self.reason = reason
         self.retriable = retriable
         self.retry_after = retry_after
+
+
+class JudgeRound:
+    """One step's pairwise judgments, submitted group by group as the images arrive.
+
+    ``submit(b, prompt, images [G, H, W, 3])`` encodes group ``b`` (JPEG/PNG, in
+    the calling thread) and queues its G(G-1)/2 pairs (both orders with
+    ``debias``) on the judge's pool, which serves groups in submission order;
+    ``wait(groups)`` blocks until those groups are judged or the step deadline
+    passes; ``result()`` waits for all and returns ``P [N, G, G]`` float32.
+
+    When the deadline (``deadline_s`` from the first ``submit``, when judging can
+    start; None: none) passes,
+    every judgment still queued or in flight is cut off (its socket shut, its
+    backoff woken) and scored 0.5, counted in the judge's ``late`` and ``ties``.
+    """
+
+    def __init__(self, judge: "VLMJudge", num_groups: int, group_size: int,
+                 deadline_s: Optional[float]):
+        if num_groups < 1 or group_size < 2:
+            raise ValueError(f"a round needs >= 1 group of >= 2 images, got {num_groups} x {group_size}")
+        self.judge = judge
+        self.num_groups, self.group_size = int(num_groups), int(group_size)
+        self.deadline_s = None if deadline_s is None else float(deadline_s)
+        self.started = self.end = None  # set by the first submit
+        self._cutoff = _Watch()
+        self._jobs: dict[int, list] = {}  # group -> [(i, j, swapped, future)]
+
+    @property
+    def expired(self) -> bool:
+        """True once the step deadline cut the round off."""
+        return self._cutoff.expired
+
+    def submit(self, b: int, prompt: str, images) -> None:
+        """Queues the pairs of group ``b``; ``images [G, H, W, 3]`` float in [0, 1] or uint8."""
+        if not 0 <= b < self.num_groups or b in self._jobs:
+            raise ValueError(f"group {b}: out of range [0, {self.num_groups}) or already submitted")
+        arr = self.judge._validate([prompt], np.asarray(images)[None])[0]
+        if arr.shape[0] != self.group_size:
+            raise ValueError(f"group {b} holds {arr.shape[0]} images, the round {self.group_size}")
+        judge, cutoff = self.judge, self._cutoff
+        if self.started is None:
+            self.started = time.monotonic()
+            self.end = None if self.deadline_s is None else self.started + self.deadline_s
+        urls = [judge._encode(image) for image in arr]
+        pool = judge._pool()
+        jobs = []
+        for i in range(self.group_size):
+            for j in range(i + 1, self.group_size):
+                where = f"group {b}, pair ({i},{j})"
+                jobs.append((i, j, pool.submit(judge._judge, prompt, urls[i], urls[j], where, cutoff)))
+                if judge.debias:  # the swapped order; scored for image i below
+                    where = f"group {b}, pair ({j},{i})"
+                    jobs.append((j, i, pool.submit(judge._judge, prompt, urls[j], urls[i], where, cutoff)))
+        self._jobs[b] = jobs
+
+    def wait(self, groups: Sequence[int]) -> bool:
+        """Blocks until ``groups`` (all submitted) are judged or the deadline passes
+        (then the whole round is cut off); True if they finished in time."""
+        missing = [b for b in groups if b not in self._jobs]
+        if missing:
+            raise ValueError(f"groups {missing} were never submitted to this round")
+        futures = [f for b in groups for _, _, f in self._jobs[b]]
+        timeout = None if self.end is None else max(0.0, self.end - time.monotonic())
+        _, pending = concurrent.futures.wait(futures, timeout=timeout)
+        if pending:
+            self._cutoff.expire()
+        return not pending
+
+    def done(self, groups: Sequence[int]) -> bool:
+        """True when ``groups`` need no more waiting (judged, or the round cut off)."""
+        return all(b in self._jobs and all(f.done() for _, _, f in self._jobs[b]) for b in groups)
+
+    def matrix(self, groups: Sequence[int]) -> np.ndarray:
+        """``[len(groups), G, G]`` float32 of ``groups``, waiting for them (or the
+        deadline) first; the rest of the round keeps going."""
+        self.wait(groups)
+        return self._assemble(groups)[0]
+
+    def result(self) -> np.ndarray:
+        """``[N, G, G]`` float32 once every group is judged or the deadline passed;
+        counts the round in the judge's stats.
+
+        Raises:
+          JudgeUnavailableError: every judgment that finished in time failed.
+        """
+        if len(self._jobs) != self.num_groups:
+            raise ValueError(f"only {len(self._jobs)} of the round's {self.num_groups} groups were submitted")
+        groups = range(self.num_groups)
+        self.wait(groups)
+        P, errors, late = self._assemble(groups)
+        self.judge._bump(calls=1, late=late, ties=late, wall_s=time.monotonic() - self.started)
+        if late:
+            logger.warning("judge: %d of %d judgments were still outstanding at the step deadline "
+                           "(step_deadline_s=%g) and scored ties", late, late + len(errors), self.deadline_s)
+        self.judge._raise_if_all_failed(errors)
+        return P
+
+    def _assemble(self, groups: Sequence[int]) -> tuple[np.ndarray, list, int]:
+        """(P ``[len(groups), G, G]``, failure reasons of the judgments made in time, late count)."""
+        g = self.group_size
+        acc = np.zeros((len(groups), g, g), dtype=np.float64)
+        cnt = np.zeros((len(groups), g, g), dtype=np.float64)
+        errors, late = [], 0
+        for row, b in enumerate(groups):
+            for i, j, future in self._jobs[b]:
+                score, error = future.result()  # quick once cut off: nothing waits any more
+                if error is _LATE:
+                    late += 1
+                else:
+                    errors.append(error)
+                # Stored in the upper triangle as the score of the lower index.
+                lo, hi, s = (i, j, score) if i < j else (j, i, 1.0 - score)
+                acc[row, lo, hi] += s
+                cnt[row, lo, hi] += 1.0
+        P = np.full((len(groups), g, g), 0.5, dtype=np.float64)
+        iu, ju = np.triu_indices(g, k=1)
+        upper = acc[:, iu, ju] / cnt[:, iu, ju]
+        P[:, iu, ju] = upper
+        P[:, ju, iu] = 1.0 - upper
+        return P.astype(np.float32), errors, late
 
 
 class VLMJudge:
@@ -328,6 +470,9 @@ class VLMJudge:
         (e.g. the official UnifiedReward-Think one, which the model was trained
         on; this project does not ship it); overrides ``prompt_template``.
       image_format, jpeg_quality: how images are sent (``encode_image_data_url``).
+      step_deadline_s: wall-clock limit of one round (a training step's
+        judgments, :meth:`start_round`) from its start: what is still
+        outstanding then is a tie counted as ``late``; None = no limit.
       testpoint_template: overrides :data:`DEFAULT_TESTPOINT_PROMPT`; must
         contain ``{prompt}`` and ``{testpoints}``.
     """
@@ -351,6 +496,7 @@ class VLMJudge:
         prompt_template_file: Optional[str] = None,
         image_format: str = "jpeg",
         jpeg_quality: int = 95,
+        step_deadline_s: Optional[float] = None,
     ):
         if not isinstance(base_url, str) or not base_url.strip():
             raise ValueError("base_url must be a non-empty string such as 'http://127.0.0.1:8080'")
@@ -368,6 +514,8 @@ class VLMJudge:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if deadline_s is not None and not float(deadline_s) > 0:
             raise ValueError(f"deadline_s must be > 0 or None, got {deadline_s}")
+        if step_deadline_s is not None and not float(step_deadline_s) > 0:
+            raise ValueError(f"step_deadline_s must be > 0 or None, got {step_deadline_s}")
         if not float(backoff_s) >= 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if int(max_tokens) < 1:
@@ -404,6 +552,7 @@ class VLMJudge:
         self.testpoint_template = testpoint_template
         self.image_format = image_format
         self.jpeg_quality = int(jpeg_quality)
+        self.step_deadline_s = None if step_deadline_s is None else float(step_deadline_s)
 
         self._api_key: Optional[str] = None
         if api_key_env and not is_env_var_name(api_key_env):
@@ -503,8 +652,10 @@ class VLMJudge:
             raise ValueError(f"need at least 2 images per group to compare, got G={g}")
         if h < 1 or w < 1:
             raise ValueError(f"images must be non-empty, got H={h}, W={w}")
+        if arr.dtype == np.uint8:  # already quantised (on the accelerator): nothing to check
+            return arr
         if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"images must be floating point in [0, 1], got dtype {arr.dtype}")
+            raise ValueError(f"images must be floating point in [0, 1] or uint8, got dtype {arr.dtype}")
         if not np.all(np.isfinite(arr)):
             raise ValueError("images contain NaN or inf")
         lo, hi = float(arr.min()), float(arr.max())
@@ -530,8 +681,9 @@ class VLMJudge:
         }
         return json.dumps(body).encode("utf-8")
 
-    def _post_once(self, data: bytes, budget_s: float) -> str:
-        """One POST that ends, reply read or not, within ``budget_s`` seconds."""
+    def _post_once(self, data: bytes, budget_s: float, cutoff: Optional[_Watch] = None) -> str:
+        """One POST that ends, reply read or not, within ``budget_s`` seconds (or when
+        ``cutoff``, a round's step deadline, expires)."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -540,6 +692,7 @@ class VLMJudge:
         timer = threading.Timer(budget_s, watch.expire)
         timer.daemon = True
         _current_watch.watch = watch
+        _current_watch.cutoff = cutoff
         timer.start()
         try:
             raw = self._open_and_read(req, budget_s)
@@ -550,6 +703,7 @@ class VLMJudge:
         finally:
             timer.cancel()
             _current_watch.watch = None
+            _current_watch.cutoff = None
         if watch.expired:  # a reply cut off by the shutdown can look complete
             raise self._expired(budget_s)
         return self._content(raw)
@@ -613,20 +767,26 @@ class VLMJudge:
                            retriable=False)
         return content
 
-    def _request(self, data: bytes, where: str) -> tuple[Optional[str], Optional[str]]:
-        """(reply text, None), or (None, reason) after a failure (counted and logged).
+    def _request(self, data: bytes, where: str, cutoff: Optional[_Watch] = None
+                 ) -> tuple[Optional[str], Optional[str]]:
+        """(reply text, None), or (None, reason) after a failure (counted and logged),
+        or (None, ``_LATE``) once ``cutoff`` (a round's step deadline) has expired.
 
         Every attempt and backoff fits in ``deadline_s`` from the first attempt."""
         attempt = 0
         end = time.monotonic() + self.deadline_s
         while True:
+            if cutoff is not None and cutoff.expired:
+                return None, _LATE
             try:
                 budget = min(self.timeout_s, end - time.monotonic())
                 if budget <= 0:
                     raise _Failure(f"deadline_s={self.deadline_s:g} passed before attempt {attempt + 1}",
                                    retriable=False)
-                return self._post_once(data, budget), None
+                return self._post_once(data, budget, cutoff), None
             except _Failure as f:
+                if cutoff is not None and cutoff.expired:
+                    return None, _LATE
                 delay = self.backoff_s * (2.0 ** attempt)
                 if f.retry_after is not None and f.retry_after > delay:
                     delay = min(f.retry_after, _MAX_RETRY_AFTER_S)
@@ -637,7 +797,10 @@ class VLMJudge:
                     self._bump(retried=1)
                     attempt += 1
                     if delay > 0:
-                        time.sleep(delay)
+                        if cutoff is None:
+                            time.sleep(delay)
+                        else:
+                            cutoff.event.wait(delay)
                     continue
                 self._bump(failed=1)
                 tries = attempt + 1
@@ -677,11 +840,15 @@ class VLMJudge:
         self._bump(requests=1)
         return self._request(self._payload(text, image_urls), where)
 
-    def _judge(self, prompt: str, url1: str, url2: str, where: str) -> tuple[float, Optional[str]]:
-        """(score of Image 1 in {0, .5, 1}, failure reason or None)."""
+    def _judge(self, prompt: str, url1: str, url2: str, where: str,
+               cutoff: Optional[_Watch] = None) -> tuple[float, Optional[str]]:
+        """(score of Image 1 in {0, .5, 1}, failure reason, ``_LATE`` or None);
+        late judgments are counted by their round."""
         self._bump(requests=1)
         text = self.prompt_template.replace(_PROMPT_FIELD, prompt)
-        text, error = self._request(self._payload(text, (url1, url2)), where)
+        text, error = self._request(self._payload(text, (url1, url2)), where, cutoff)
+        if error is _LATE:
+            return 0.5, _LATE
         if text is None:
             self._bump(ties=1)
             logger.warning("judge %s scored a tie: no answer", where)
@@ -704,49 +871,22 @@ class VLMJudge:
 
     # ----------------------------------------------------------------- API
     def preference_matrix(self, prompts: Sequence[str], images) -> np.ndarray:
-        """``[N, G, G]`` float32 matrix of P(image i beats image j | prompt n)."""
+        """``[N, G, G]`` float32 matrix of P(image i beats image j | prompt n).
+
+        ``images``: ``[N, G, H, W, 3]``, float in [0, 1] or uint8. One round
+        (:meth:`start_round`) with every group submitted at once."""
         arr = self._validate(prompts, images)
-        n, g = arr.shape[:2]
-        t0 = time.perf_counter()
-        pool = self._pool()
+        judging = self.start_round(*arr.shape[:2])
+        for b, prompt in enumerate(prompts):
+            judging.submit(b, prompt, arr[b])
+        return judging.result()
 
-        flat = arr.reshape((n * g,) + arr.shape[2:])
-        urls = list(pool.map(self._encode, flat))
-
-        jobs = []  # (n, i, j, swapped)
-        for b in range(n):
-            for i in range(g):
-                for j in range(i + 1, g):
-                    jobs.append((b, i, j, False))
-                    if self.debias:
-                        jobs.append((b, i, j, True))
-
-        def run(job):
-            b, i, j, swapped = job
-            u_i, u_j = urls[b * g + i], urls[b * g + j]
-            if swapped:
-                s, error = self._judge(prompts[b], u_j, u_i, f"group {b}, pair ({j},{i})")
-                return 1.0 - s, error  # score of image i
-            return self._judge(prompts[b], u_i, u_j, f"group {b}, pair ({i},{j})")
-
-        try:
-            results = list(pool.map(run, jobs))
-        finally:
-            self._bump(calls=1, wall_s=time.perf_counter() - t0)
-
-        self._raise_if_all_failed([error for _, error in results])
-
-        acc = np.zeros((n, g, g), dtype=np.float64)
-        cnt = np.zeros((n, g, g), dtype=np.float64)
-        for (b, i, j, _), (s, _) in zip(jobs, results):
-            acc[b, i, j] += s
-            cnt[b, i, j] += 1.0
-        P = np.full((n, g, g), 0.5, dtype=np.float64)
-        iu, ju = np.triu_indices(g, k=1)
-        upper = acc[:, iu, ju] / cnt[:, iu, ju]
-        P[:, iu, ju] = upper
-        P[:, ju, iu] = 1.0 - upper
-        return P.astype(np.float32)
+    def start_round(self, num_groups: int, group_size: int) -> "JudgeRound":
+        """A step's pairwise judging, fed one group at a time (see :class:`JudgeRound`);
+        its deadline, ``step_deadline_s``, runs from the first group submitted."""
+        if self._closed:
+            raise RuntimeError("VLMJudge is closed")
+        return JudgeRound(self, num_groups, group_size, self.step_deadline_s)
 
     def testpoint_scores(self, prompts: Sequence[str], images,
                          testpoints: Sequence[Sequence[str]]) -> list[np.ndarray]:

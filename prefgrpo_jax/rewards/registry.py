@@ -79,6 +79,9 @@ class RewardSource:
     # Cumulative request counters (``requests``, ``failed``, ``retried``,
     # ``unparseable``) of sources that call a server; the trainer logs per-step deltas.
     counters: Callable[[], Mapping[str, float]] | None = None
+    # Sources that judge a step group by group (``VLMJudge.start_round``):
+    # ``start_round(N, G)`` -> a round taking each group as soon as it is decoded.
+    start_round: Callable[[int, int], Any] | None = None
 
     def __post_init__(self):
         if self.kind not in (PAIRWISE, POINTWISE):
@@ -87,7 +90,11 @@ class RewardSource:
 
     def __call__(self, prompts: Sequence[str], images) -> np.ndarray:
         n, g = np.shape(images)[:2]
-        out = np.asarray(self.fn(prompts, images), dtype=np.float32)
+        return self.checked(self.fn(prompts, images), n, g)
+
+    def checked(self, out, n: int, g: int) -> np.ndarray:
+        """``out`` as float32 after checking its shape (for ``n`` groups of ``g``) and finiteness."""
+        out = np.asarray(out, dtype=np.float32)
         want = (n, g, g) if self.kind == PAIRWISE else (n, g)
         if out.shape != want:
             raise ValueError(f"reward source {self.name!r} ({self.kind}) returned shape "
@@ -291,7 +298,8 @@ def _vlm_judge_factory(*, judge: Any = None, name: str = "vlm_judge", **judge_kw
     elif judge_kwargs:
         raise ValueError(f"{name}: give judge= or VLMJudge keywords, not both")
     return RewardSource(name, PAIRWISE, lambda prompts, images: judge.preference_matrix(
-        list(prompts), np.asarray(images, np.float32)), counters=lambda: judge.stats.as_dict())
+        list(prompts), np.asarray(images)), counters=lambda: judge.stats.as_dict(),
+        start_round=getattr(judge, "start_round", None))  # a stand-in judge may judge only whole batches
 
 
 def _clip_factory(*, path: str | None = None, model: Any = None, tokenizer: Any = None,
