@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from prefgrpo_jax import sampling, sharding
-from prefgrpo_jax.models.flux import ATTENTION_IMPLS, REMAT_POLICIES
+from prefgrpo_jax.models.flux import ATTENTION_IMPLS, DOUBLE_LORA_TARGETS, REMAT_POLICIES
 
 MODES = ("train", "sample", "eval", "plan")
 PLAN_PRESETS = ("", "flux1-dev")
@@ -107,6 +107,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1")
     check("export.dtype", config.get("export", {}).get("dtype", "bfloat16") in DTYPES,
           f"must be one of {DTYPES}")
+    check("export.lora_merged", isinstance(config.get("export", {}).get("lora_merged", False), bool),
+          "must be True (also write the merged transformer) or False (adapters only)")
     check("params_checkpoint_every", isinstance(config.get("params_checkpoint_every", 0), int)
           and config.get("params_checkpoint_every", 0) >= 0, "must be an integer >= 0 (steps; 0 = off)")
     check("log_every", config.log_every >= 1, "must be >= 1")
@@ -119,6 +121,9 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
           f"must be one of {ATTENTION_IMPLS}")
     check("model.attention_chunk", int(config.model.get("attention_chunk", 512)) >= 1,
           "must be >= 1 (queries per chunk of attention='chunked', e.g. 512)")
+    from prefgrpo_jax import lora  # imports config's own dependencies only
+
+    problems.extend(lora.config_problems(config))
     path = Path(str(config.model.path)) if config.model.path else None
     plan = config.get("plan", ml_collections.ConfigDict({"preset": "", "devices": 8, "device_memory_gib": 80.0}))
     if not (mode == "plan" and plan.preset):
@@ -376,6 +381,15 @@ def base_config() -> ml_collections.ConfigDict:
     # on GPU, Pallas splash on TPU, einsum on CPU; chunked bounds memory on CPU.
     c.model.attention = "auto"
     c.model.attention_chunk = 512  # queries per chunk of attention="chunked"
+    # LoRA (prefgrpo_jax/lora.py): rank 0 = full fine-tuning. With rank > 0 only
+    # peft-style adapters on the diffusers modules in targets (peft's suffix
+    # match) are trained and checkpointed; the base stays frozen in model.dtype.
+    # The reference's recipe: rank 64, alpha 128 (configs/flux_lora.py).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 128.0  # delta scale alpha / rank, as peft's lora_alpha
+    c.model.lora.targets = list(DOUBLE_LORA_TARGETS)  # the reference's lora_target_modules
+    c.model.lora.init = "default"  # peft's init_lora_weights: "default" (=True) or "gaussian"; B = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.prompts = ""  # .txt (one per line) or .jsonl ({"prompt": ..., "category": ...})
@@ -503,6 +517,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The trained transformer written at the end of a run (workdir/export).
     c.export = ml_collections.ConfigDict()
     c.export.dtype = "bfloat16"  # or "float32" (the master weights as trained)
+    # LoRA runs export their adapters (export/lora, peft format); True also
+    # writes the transformer with the adapters merged (export/transformer).
+    c.export.lora_merged = False
 
     # --mode=plan: compile this config's programs for a topology (simulated CPU
     # devices) and report per-device memory, FLOPs and collectives.

@@ -228,7 +228,7 @@ def make_train_step(
     jit: bool = True,
     jit_kwargs: dict | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds ``train_step(state, batch, key, ref_params=None) -> (state, metrics)``.
+    """Builds ``train_step(state, batch, key, ref_params=None, frozen=None) -> (state, metrics)``.
 
     ``batch`` holds (B = samples of this update, S = sampler.num_steps):
       latents ``[B, S + 1, L, C]``, log_probs ``[B, S]`` (from the rollout),
@@ -237,6 +237,10 @@ def make_train_step(
       ``grpo.rationorm``; optionally timesteps ``[B, k]`` (the trained step
       indices; drawn from ``key`` when absent).
     ``ref_params`` (needed iff ``grpo.kl_beta > 0``) is the frozen reference.
+    ``frozen``: LoRA's frozen base (``prefgrpo_jax.lora``). The model is then
+    ``velocity_fn((state["params"], frozen), ...)``: only the adapters get
+    gradients and optimizer state, and the KL reference is the adapters
+    switched off (zero), so ``ref_params`` is not used.
 
     With ``jit`` the step is jitted with the state donated; ``jit_kwargs`` adds
     e.g. ``in_shardings``/``out_shardings``.
@@ -258,11 +262,12 @@ def make_train_step(
     n_chunks = k // c
     weight = 1.0 / (n_chunks * grpo.micro_batches)
 
-    def chunk_loss(params, ref_params, x, x_next, logp_old, mean_old, adv, ti, cond, uncond):
+    def chunk_loss(params, frozen, ref_params, x, x_next, logp_old, mean_old, adv, ti, cond, uncond):
         sigma, sigma_next = sigmas[ti], sigmas[ti + 1]
         t = sampling.model_timesteps(sigma, sampler.quantize_timesteps)
 
         def transition(p):
+            p = p if frozen is None else (p, frozen)
             v = sampling.guided_velocity(velocity_fn, p, x, t, cond, uncond, sampler.cfg_scale)
             return sampling.sde_step(
                 x, v, sigma, sigma_next, eta=sampler.eta, mode=sampler.mode,
@@ -296,10 +301,14 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(chunk_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None):
+    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None,
+                   frozen: Any = None):
+        params = state["params"]
+        if frozen is not None and grpo.kl_beta > 0:
+            # LoRA: the reference is the base, i.e. the adapters at zero (no weight copy).
+            ref_params = jax.tree.map(jnp.zeros_like, params)
         if grpo.kl_beta > 0 and ref_params is None:
             raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
-        params = state["params"]
         latents = batch["latents"]
         B = latents.shape[0]
         chex.assert_shape(latents, (B, num_steps + 1, None, None))
@@ -356,7 +365,7 @@ def make_train_step(
                 cond = _repeat_each(mb["cond"], c)
                 uncond = _repeat_each(mb["uncond"], c)
                 (loss, aux), g = grad_fn(
-                    params, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
+                    params, frozen, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
                     cond, uncond,
                 )
                 grads = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), grads, g)
@@ -468,6 +477,7 @@ def rollout_updates(
     updates: int,
     group_size: int,
     ref_params: Any = None,
+    frozen: Any = None,
     after_update: Callable[[TrainState], TrainState] | None = None,
 ) -> tuple[TrainState, list[dict[str, jax.Array]]]:
     """Runs the ``updates`` optimizer steps of one rollout.
@@ -477,6 +487,7 @@ def rollout_updates(
       batch: the whole rollout (``rollout_batch``) with ``timesteps [B, k]``
         already drawn, so each sample trains the same steps whatever update
         it lands in.
+      ref_params, frozen: passed to ``train_step`` (the KL reference; LoRA's base).
       after_update: applied to the state after each step (e.g. the EMA).
 
     Returns:
@@ -487,7 +498,7 @@ def rollout_updates(
     metrics = []
     for u in range(updates):
         part = rollout_part(batch, u, updates, group_size)
-        state, m = train_step(state, part, None, ref_params)
+        state, m = train_step(state, part, None, ref_params, frozen)
         if after_update is not None:
             state = after_update(state)
         metrics.append(m)
