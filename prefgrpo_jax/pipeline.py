@@ -59,7 +59,13 @@ def make_velocity_fn(graphdef: nnx.GraphDef, compute_dtype: Any = None) -> sampl
         if compute_dtype is not None:
             params = jax.tree.map(
                 lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-        model = nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+        if isinstance(params, tuple):
+            # Fresh Variables: the frozen base arrives from an outer trace (the
+            # jit) than the adapters (the grad), and NNX refuses a module whose
+            # Variables belong to different trace levels.
+            model = nnx.merge(graphdef, *params, copy=True)
+        else:
+            model = nnx.merge(graphdef, params)
         return model(
             x, cond["img_ids"], cond["txt"], cond["txt_ids"], t, cond["y"], cond.get("guidance")
         )
