@@ -34,6 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # the frozen base (and VAE, text encoders)
     c.model.lora.rank = 64
     c.model.lora.alpha = 128.0
-    c.model.lora.targets = list(lora.REFERENCE_TARGETS)
+    c.model.lora.targets = tuple(lora.REFERENCE_TARGETS)
     c.model.lora.init = "default"
     return c

@@ -388,7 +388,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora = ml_collections.ConfigDict()
     c.model.lora.rank = 0
     c.model.lora.alpha = 128.0  # delta scale alpha / rank, as peft's lora_alpha
-    c.model.lora.targets = list(DOUBLE_LORA_TARGETS)  # the reference's lora_target_modules
+    c.model.lora.targets = tuple(DOUBLE_LORA_TARGETS)  # the reference's lora_target_modules (a tuple: CLI-settable)
     c.model.lora.init = "default"  # peft's init_lora_weights: "default" (=True) or "gaussian"; B = 0
 
     c.data = ml_collections.ConfigDict()

@@ -91,20 +91,26 @@ def test_lora_off_by_default_and_on_in_flux_lora_config():
     assert got.targets == flux.DOUBLE_LORA_TARGETS
 
 
-@pytest.mark.parametrize("init", lora.INITS)
-def test_zero_b_init_leaves_the_output_unchanged(base_model, init):
-    graphdef, adapters, base = _lora_parts(base_model, init=init)
-    flat = {path: var.get_value() for path, var in nnx.to_flat_state(adapters)}
-    for path, value in flat.items():
+def test_zero_b_init_leaves_the_output_unchanged(base_model):
+    graphdef, adapters, base = _lora_parts(base_model)
+    for path, var in nnx.to_flat_state(adapters):
+        value = np.asarray(var.get_value())
         if path[-1] == "lora_b":
-            assert not np.any(np.asarray(value)), path
-        else:  # A is drawn (a zero A would leave B without gradient)
-            assert float(np.abs(value).max()) > 0, path
-            if init == "default":  # peft: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in))
-                assert float(np.abs(value).max()) <= 1 / np.sqrt(value.shape[-2]), path
+            assert not np.any(value), path
+        else:  # A is drawn, as peft's kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in))
+            assert 0 < np.abs(value).max() <= 1 / np.sqrt(value.shape[-2]), path
     x = velocity_inputs(base_model.cfg)
     np.testing.assert_array_equal(jax_velocity(nnx.merge(graphdef, adapters, base), x),
                                   jax_velocity(base_model, x))
+
+
+def test_gaussian_init_draws_a_with_std_one_over_rank():
+    abstract = {"a": nnx.LoRAParam(jax.ShapeDtypeStruct((64, 512, 8), jnp.float32)),
+                "b": {"lora_b": nnx.LoRAParam(jax.ShapeDtypeStruct((8, 4), jnp.float32))}}
+    got = lora.init_adapters(nnx.State(abstract), jax.random.key(0), "gaussian")
+    a = np.asarray(got["a"].get_value())
+    assert abs(a.std() - 1 / 8) < 0.01 and abs(a.mean()) < 0.01
+    assert not np.any(np.asarray(got["b"]["lora_b"].get_value()))
 
 
 def test_peft_export_loads_in_diffusers_with_the_same_velocity(base_model, tiny_flux_dir, tmp_path):
@@ -166,8 +172,12 @@ def _tiny_grpo(base_model, kl_beta):
     return velocity_fn, step, state, base, batch
 
 
-def test_only_adapters_get_gradients_and_optimizer_state(base_model):
-    _, step, state, base, batch = _tiny_grpo(base_model, kl_beta=0.0)
+# Compiling a GRPO step with its KL branch: ~75 s measured on the 2 shared cores
+# under load 7 (other developers' jobs); it is the only test of these claims.
+@pytest.mark.slow
+def test_only_adapters_train_and_the_kl_reference_is_the_base(base_model):
+    """One compiled step (kl_beta > 0) serves both claims: compiling it dominates."""
+    velocity_fn, step, state, base, batch = _tiny_grpo(base_model, kl_beta=0.5)
     adapter_leaves = jax.tree.leaves(state["params"])
     base_before = jax.tree.map(np.asarray, base)
     # Adam's moments exist for the adapters and nothing else.
@@ -175,29 +185,21 @@ def test_only_adapters_get_gradients_and_optimizer_state(base_model):
     for moments in (adam.mu, adam.nu):
         assert jax.tree.structure(moments) == jax.tree.structure(state["params"])
     n_adapter = sum(a.size for a in adapter_leaves)
-    n_opt = sum(a.size for a in jax.tree.leaves(state["opt_state"]) if a.ndim)
-    assert n_opt == 2 * n_adapter
-    state, metrics = step(state, batch, jax.random.key(2), None, base)
-    assert float(metrics["grad_norm"]) > 0
-    # Every adapter B moved (A too: the loss reaches it once B != 0 after the step).
-    for path, var in nnx.to_flat_state(state["params"]):
-        if path[-1] == "lora_b":
-            assert float(np.abs(var.get_value()).max()) > 0, path
-    # The base is an input of the step, never an output: bitwise unchanged.
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), base_before)
-
-
-def test_kl_reference_is_the_base_model(base_model):
-    velocity_fn, step, state, base, batch = _tiny_grpo(base_model, kl_beta=0.5)
-    # Step 1: B = 0, the policy is the base, so the KL to the reference is exactly 0.
+    assert sum(a.size for a in jax.tree.leaves(state["opt_state"]) if a.ndim) == 2 * n_adapter
+    # Step 1: B = 0, the policy is the base, so its KL to the reference is exactly 0.
     state, m1 = step(state, batch, jax.random.key(2), None, base)
     assert float(m1["kl_ref"]) == 0.0
+    assert float(m1["grad_norm"]) > 0
+    for path, var in nnx.to_flat_state(state["params"]):
+        if path[-1] == "lora_b":  # every B moved
+            assert float(np.abs(var.get_value()).max()) > 0, path
     state, m2 = step(state, batch, jax.random.key(3), None, base)
     assert float(m2["kl_ref"]) > 0
+    # The base is an input of the step, never an output: bitwise unchanged.
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, base), base_before)
     # The reference the step uses (adapters at zero) is the base model, bitwise,
     # whatever the trained adapters hold.
     x = velocity_inputs(base_model.cfg)
-    cond = _cond(x)
     ref = velocity_fn((lora.zero_adapters(state["params"]), base), jnp.asarray(x["img"]),
-                      jnp.asarray(x["timesteps"]), cond)
+                      jnp.asarray(x["timesteps"]), _cond(x))
     np.testing.assert_array_equal(np.asarray(ref), jax_velocity(base_model, x))
