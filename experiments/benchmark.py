@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|all>
+    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|lora|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
     python -m experiments.benchmark profile [--size ...]
 
@@ -22,6 +22,8 @@ Every framework measurement runs in its own subprocess (see ``bench_common``).
 * memory: compiled memory analysis and measured peak RSS of a train step with
   and without remat at two model sizes; largest group that fits a budget.
 * scaling: sampling on 1, 2, 4, 8 simulated CPU devices (weak scaling).
+* lora: one GRPO update with LoRA adapters vs full fine-tuning (ours, time,
+  optimizer state, memory).
 
 ``profile`` (not part of ``all``) is a diagnostic behind those numbers: per-op
 time of one FLUX forward and forward+backward in both frameworks.
@@ -35,7 +37,7 @@ import os
 import sys
 import time
 
-BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling")
+BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling", "lora")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("benchmark", choices=(*BENCHMARKS, "all", "profile"),
-                        help="one benchmark, all six, or 'profile' (a diagnostic: per-op "
+                        help="one benchmark, all seven, or 'profile' (a diagnostic: per-op "
                              "time of a forward / forward+backward, JAX vs PyTorch)")
     parser.add_argument("--size", choices=("tiny", "medium"), default="medium",
                         help="problem size (tiny: smoke test, seconds; medium: the default)")
