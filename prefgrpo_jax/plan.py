@@ -34,6 +34,9 @@ from prefgrpo_jax.pipeline import compute_dtype_of, make_velocity_fn
 log = logging.getLogger(__name__)
 GIB = 2**30
 PRESETS = ("flux1-dev",)
+# The trained parameters' row: full fine-tuning's fp32 masters, or LoRA's adapters
+# (whose frozen base is a row of its own).
+TRAINED_LABEL = {False: "params (fp32 master)", True: "LoRA adapters (fp32)"}
 
 
 class PlanDoesNotFitError(SystemExit):
@@ -272,8 +275,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         "resolution": [t.height, t.width],
         "tokens": {"image": seq, "text": txt_len},
         "per_device_gib": {
-            # LoRA: the adapters (the base is a frozen part below).
-            "params (fp32 master)": params_b / GIB,
+            TRAINED_LABEL[spec is not None]: params_b / GIB,
             "optimizer state": opt_b / GIB,
             **{f"frozen {k} ({config.model.dtype})": v / GIB for k, v in frozen_bytes.items()},
             "KL reference params": ref_bytes / GIB,
@@ -298,6 +300,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
             "loops without a known trip count (counted once)": coll_s["unknown_trip_counts"] + coll_t["unknown_trip_counts"],
         },
         "compile_seconds": {"sampling": secs_s, "training": secs_t},
+        "lora": spec is not None,
         "fits": peak <= budget,
         "headroom_gib": (budget - peak) / GIB,
         "not_counted": "VAE decode and reward-model temporaries (run between the two programs, "
@@ -349,8 +352,9 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path, command: str = 
         raise PlanDoesNotFitError(
             f"plan: does not fit: peak {g['peak']:.2f} GiB per device > {report['usable_fraction']:g} x "
             f"{report['device_memory_gib']:g} GiB usable "
-            f"(state {g['params (fp32 master)'] + g['optimizer state']:.2f}, peak while training "
+            f"(state {g[TRAINED_LABEL[report['lora']]] + g['optimizer state']:.2f}, peak while training "
             f"{g['peak while training']:.2f}, while sampling {g['peak while sampling']:.2f}); use more "
-            "devices (FSDP divides the state), fewer images per step, or LoRA"
+            "devices (FSDP divides the state), fewer images per step"
+            + ("" if report["lora"] else ", or LoRA (configs/flux_lora.py)")
         )
     return report

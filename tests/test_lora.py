@@ -5,6 +5,8 @@ The parity test loads our ``pytorch_lora_weights.safetensors`` with
 FLUX the base weights came from and compares velocities in fp32.
 """
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from prefgrpo_jax import config as config_lib
 from prefgrpo_jax import grpo, lora, sampling
 from prefgrpo_jax.models import flux
 from prefgrpo_jax.pipeline import make_velocity_fn
+from train_helpers import REPO
 from velocity_helpers import jax_velocity, torch_velocity, velocity_inputs
 
 # Every layout: the reference's targets (double blocks, and the single blocks'
@@ -78,15 +81,17 @@ def test_lora_config_errors_name_the_field(field, value, message):
     assert any(message in p for p in problems), problems
 
 
-def test_lora_off_by_default_and_on_in_flux_lora_config():
-    import importlib.util
-    from train_helpers import REPO
-
-    assert lora.spec_from_config(config_lib.base_config()) is None
-    spec = importlib.util.spec_from_file_location("flux_lora", REPO / "configs" / "flux_lora.py")
+def _config(name: str):
+    """``configs/<name>.py``'s config."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    got = lora.spec_from_config(module.get_config())
+    return module.get_config()
+
+
+def test_lora_off_by_default_and_on_in_flux_lora_config():
+    assert lora.spec_from_config(config_lib.base_config()) is None
+    got = lora.spec_from_config(_config("flux_lora"))
     assert (got.rank, got.alpha, got.scale) == (64, 128.0, 2.0)
     assert got.targets == flux.DOUBLE_LORA_TARGETS
 
@@ -203,3 +208,28 @@ def test_only_adapters_train_and_the_kl_reference_is_the_base(base_model):
     ref = velocity_fn((lora.zero_adapters(state["params"]), base), jnp.asarray(x["img"]),
                       jnp.asarray(x["timesteps"]), _cond(x))
     np.testing.assert_array_equal(np.asarray(ref), jax_velocity(base_model, x))
+
+
+# Compiles the sampling and training programs (~40 s on the loaded 2-core VM).
+@pytest.mark.slow
+def test_plan_mode_counts_adapters_as_trained_and_the_base_as_frozen(tiny_flux_dir):
+    import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the tiny config's verifier rewards)
+    from prefgrpo_jax import plan
+
+    c = _config("tiny")
+    c.model.path = str(tiny_flux_dir)
+    c.train.prompts_per_step, c.train.group_size, c.train.num_steps = 1, 4, 4
+    c.train.timestep_fraction, c.train.timestep_chunk, c.train.max_sequence_length = 0.67, 2, 8
+    c.train.kl_beta = 0.1  # LoRA's reference is the adapters off: no copy to count
+    c.model.lora.rank, c.model.lora.alpha = 4, 8.0
+    c.plan.devices = 1
+    report = plan.build_report(c)
+    g = report["per_device_gib"]
+    assert report["lora"] and "params (fp32 master)" not in g
+    cfg = flux.diffusers_config(tiny_flux_dir)[0]
+    _, abstract, base = lora.split(lora.abstract_model(flux.abstract_transformer(cfg), lora.spec_from_config(c)))
+    nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
+    assert g["LoRA adapters (fp32)"] * 2**30 == pytest.approx(nbytes(abstract))
+    assert g["optimizer state"] * 2**30 >= 2 * nbytes(abstract)
+    assert g["frozen transformer base (LoRA) (float32)"] * 2**30 == pytest.approx(nbytes(base))
+    assert g["KL reference params"] == 0
