@@ -167,6 +167,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
               f"must divide the {k} trained timesteps per sample (timestep_fraction x (num_steps - 1))")
     check("optim.learning_rate", config.optim.learning_rate > 0, "must be > 0")
     check("optim.weight_decay", config.optim.weight_decay >= 0, "must be >= 0")
+    check("optim.mu_dtype", config.optim.get("mu_dtype", "float32") in DTYPES,
+          f"must be one of {DTYPES} (the dtype of Adam's first moment)")
     check("optim.max_grad_norm", config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0, "must be > 0 or None")
     _check_guards(config, check)
 
@@ -445,6 +447,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    # Adam's first moment: "bfloat16" halves its bytes (optax mu_dtype; the
+    # second moment stays fp32: its squares underflow bf16's mantissa sooner).
+    c.optim.mu_dtype = "float32"
     c.optim.schedule = "constant"  # or "cosine" (to 0 at total_steps x updates_per_rollout)
     c.optim.warmup_steps = 0  # linear warmup over this many optimizer updates
 

@@ -176,8 +176,12 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, skipping non-finite updates.
+
+    ``mu_dtype`` (e.g. ``jnp.bfloat16``) stores Adam's first moment in that
+    dtype (optax casts it back for the update); None keeps the params' dtype.
 
     ``apply_if_finite`` leaves params and Adam moments untouched on a step whose
     gradient has a NaN/Inf and counts it (``opt_state.total_notfinite``); the
@@ -186,7 +190,8 @@ def make_optimizer(
     chain = []
     if max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(max_grad_norm))
-    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mu_dtype=mu_dtype))
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
 
 

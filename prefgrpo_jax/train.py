@@ -87,7 +87,7 @@ def build_optimizer(config: ml_collections.ConfigDict):
     o = config.optim
     return grpo.make_optimizer(
         lr_schedule(config), weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
-        b1=o.b1, b2=o.b2, eps=o.eps,
+        b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=state_lib.DTYPES[o.get("mu_dtype", "float32")],
     )
 
 

@@ -233,3 +233,17 @@ def test_plan_mode_counts_adapters_as_trained_and_the_base_as_frozen(tiny_flux_d
     assert g["optimizer state"] * 2**30 >= 2 * nbytes(abstract)
     assert g["frozen transformer base (LoRA) (float32)"] * 2**30 == pytest.approx(nbytes(base))
     assert g["KL reference params"] == 0
+
+
+def test_bf16_first_moment_halves_its_bytes():
+    params = {"w": jnp.ones((64, 32), jnp.float32)}
+    opt = grpo.make_optimizer(1e-3, mu_dtype=jnp.bfloat16)
+    state = grpo.init_train_state(params, opt)
+    adam = state["opt_state"].inner_state[-1][0]
+    assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
+    updates, _ = opt.update({"w": jnp.full((64, 32), 0.5)}, state["opt_state"], params)
+    assert updates["w"].dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(updates["w"])))
+    c = config_lib.base_config()
+    c.optim.mu_dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match=r"config.optim.mu_dtype='float16': must be one of"):
+        config_lib.validate(c, num_devices=1)
