@@ -184,6 +184,9 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
         assert "frozen transformer base (LoRA)" in proc.stdout
         assert (full / "export" / "lora" / lora.WEIGHT_NAME).is_file()
         assert max(r["kl_ref"] for r in rows) > 0
+        # --mode=sample restores the adapters and merges them into the base.
+        sampled = run_main(test_config, full, "--mode=sample", *extra)
+        assert "restored the transformer of step 4" in sampled.stderr
 
     # Same command, killed with SIGKILL once the step-2 checkpoint exists, then rerun.
     resumed = tmp_path / "resumed"
