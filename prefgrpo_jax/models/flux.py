@@ -12,7 +12,9 @@ applied with ``nnx.scan``, so compile time does not grow with depth;
 (``remat_policy`` chooses what is kept: see :data:`REMAT_POLICIES`).
 ``attention`` picks the joint-attention kernel per platform (cuDNN flash on
 GPU, Pallas splash on TPU, einsum or query-chunked einsum on CPU: see
-:data:`ATTENTION_IMPLS`).
+:data:`ATTENTION_IMPLS`). ``lora`` (a :class:`LoraSpec`) adds peft-style
+adapters (``nnx.LoRA``) to the linears it names, one per diffusers projection
+even where ours are fused.
 
 Call convention (BFL)::
 
@@ -485,8 +487,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax
 # adds its delta to its slice of the fused output: the adapters are exactly
 # peft's and export one to one. Names are peft's target-module suffixes.
 
-# diffusers module name (under a block) -> our adapter key (a valid attribute
-# name): one entry per adaptable diffusers Linear.
+# The adaptable diffusers Linears of each block kind, named under their block
+# (an adapter's attribute name is ``lora_key(name)``).
 DOUBLE_LORA_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -754,9 +756,10 @@ class DoubleStreamBlock(nnx.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
         img_q, img_k, img_v = self.img_attn.qkv_heads(
-            (1 + i_scale1) * _layer_norm(img) + i_shift1, self.lora, DOUBLE_LORA_TARGETS[0:3])
+            (1 + i_scale1) * _layer_norm(img) + i_shift1, self.lora, ("attn.to_q", "attn.to_k", "attn.to_v"))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
-            (1 + t_scale1) * _layer_norm(txt) + t_shift1, self.lora, DOUBLE_LORA_TARGETS[4:7])
+            (1 + t_scale1) * _layer_norm(txt) + t_shift1, self.lora,
+            ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
 
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
