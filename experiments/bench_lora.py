@@ -74,8 +74,8 @@ def run(size: str, out_dir: str, threads: int, argv: list[str]) -> dict[str, Any
                       r["trained_params"], r["optimizer_state_mib"], r["xla_temp_mib"],
                       r["xla_peak_estimate_mib"], r["peak_rss_steps_mib"], r["peak_rss_mib"]] for r in rows]),
         "",
-        f"LoRA update time: x{payload['ratios']['lora_speedup']:.2f} faster than full fine-tuning; "
-        f"optimizer state {100 * payload['ratios']['optimizer_state_fraction']:.1f}% of full's.",
+        f"Update time, full fine-tuning / LoRA: x{payload['ratios']['lora_speedup']:.2f}; LoRA's "
+        f"optimizer state is {100 * payload['ratios']['optimizer_state_fraction']:.1f}% of full's.",
     ]
     bc.write_results("lora", out_dir, payload, "\n".join(md), started=started, load_before=load0, argv=argv)
     return payload
