@@ -177,8 +177,8 @@ def _tiny_grpo(base_model, kl_beta):
     return velocity_fn, step, state, base, batch
 
 
-# Compiling a GRPO step with its KL branch: ~75 s measured on the 2 shared cores
-# under load 7 (other developers' jobs); it is the only test of these claims.
+# Compiling a GRPO step with its KL branch: 36 s on the 2 shared cores at load 3.5
+# (75 s at load 7); it is the only test of these claims.
 @pytest.mark.slow
 def test_only_adapters_train_and_the_kl_reference_is_the_base(base_model):
     """One compiled step (kl_beta > 0) serves both claims: compiling it dominates."""
@@ -210,7 +210,7 @@ def test_only_adapters_train_and_the_kl_reference_is_the_base(base_model):
     np.testing.assert_array_equal(np.asarray(ref), jax_velocity(base_model, x))
 
 
-# Compiles the sampling and training programs (~40 s on the loaded 2-core VM).
+# Compiles the sampling and training programs: 25 s on the 2 shared cores at load 3.5.
 @pytest.mark.slow
 def test_plan_mode_counts_adapters_as_trained_and_the_base_as_frozen(tiny_flux_dir):
     import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the tiny config's verifier rewards)
