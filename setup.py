@@ -32,6 +32,8 @@ setup(
             "diffusers>=0.40",
             "transformers>=5.0",
             "sentencepiece>=0.2",
+            # diffusers' load_lora_weights needs it (the LoRA export parity test).
+            "peft==0.21.2",
             # tests/test_toyworld_study.py runs the study end to end, plots included.
             "matplotlib>=3.8",
         ],

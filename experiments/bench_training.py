@@ -146,15 +146,19 @@ def torch_worker(ckpt_dir: str, steps: int, reps: int, threads: int,
 
 
 def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
-               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY) -> dict[str, Any]:
-    """Our train step; ``remat_policy`` is one of ``flux.REMAT_POLICIES`` or "off"."""
+               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY, lora_rank: int = 0
+               ) -> dict[str, Any]:
+    """Our train step; ``remat_policy`` is one of ``flux.REMAT_POLICIES`` or "off";
+    ``lora_rank`` > 0: train rank-r adapters (alpha 2r, the reference's targets) on
+    the frozen loaded weights instead of the weights themselves."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from prefgrpo_jax import grpo, sampling
+    from prefgrpo_jax import grpo, lora, sampling
     from prefgrpo_jax.models import flux
+    from prefgrpo_jax.pipeline import make_velocity_fn
 
     prob = bc.Problem.from_json(problem)
     remat = remat_policy != "off"
@@ -162,8 +166,15 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
                                 remat_policy=remat_policy if remat else JAX_REMAT_POLICY)
     assert model.cfg == flux.FluxConfig(**prob.model_kwargs()), model.cfg
     graphdef, params = nnx.split(model, nnx.Param)
+    frozen = None
+    if lora_rank:
+        spec = flux.LoraSpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=lora.REFERENCE_TARGETS)
+        graphdef, abstract, _ = lora.split(lora.abstract_model(model, spec))
+        params, frozen = lora.init_adapters(abstract, jax.random.key(0)), params
+        velocity_fn = make_velocity_fn(graphdef)
+    else:
+        velocity_fn = bc.jax_velocity_fn(graphdef)
     del model
-    velocity_fn = bc.jax_velocity_fn(graphdef)
     npz = np.load(Path(ckpt_dir) / "batch.npz")
     cond = bc.jax_cond({k[5:]: npz[k] for k in npz.files if k.startswith("cond_")})
     batch = {"latents": jnp.asarray(npz["latents"]), "log_probs": jnp.asarray(npz["log_probs"]),
@@ -183,7 +194,7 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     rss0 = bc.rss_now_mib()
 
     t = time.perf_counter()
-    lowered = step_fn.lower(state, batch, key)
+    lowered = step_fn.lower(state, batch, key, None, frozen)
     trace_s = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()
@@ -194,7 +205,7 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     holder = {"state": state}
 
     def run():
-        new_state, metrics = step_fn(holder["state"], batch, key)
+        new_state, metrics = step_fn(holder["state"], batch, key, None, frozen)
         jax.block_until_ready(new_state)
         holder["state"] = new_state
         if not first_metrics:
@@ -204,7 +215,10 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     res.update(trace_lower_s=trace_s, compile_s=compile_s,
                first_call_total_s=trace_s + compile_s + res["first_call_s"])
     return {"timing": res, "first_step_metrics": first_metrics, "train_timesteps": k,
-            "timestep_chunk": timestep_chunk, "rss_after_setup_mib": rss0,
+            "timestep_chunk": timestep_chunk, "lora_rank": lora_rank,
+            "trained_params": int(sum(a.size for a in jax.tree.leaves(state["params"]))),
+            "optimizer_state_mib": sum(a.nbytes for a in jax.tree.leaves(state["opt_state"])) / 2**20,
+            "rss_after_setup_mib": rss0,
             "rss_before_steps_mib": rss1,
             "peak_rss_setup_mib": setup_peak, "peak_rss_steps_mib": bc.peak_rss_mib(),
             "memory_analysis": program_analysis.memory_stats(compiled)}

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|overlap|all>
+    python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|overlap|lora|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
         [--isa native|avx2|both]
     python -m experiments.benchmark profile [--size ...] [--isa ...]
@@ -25,6 +25,8 @@ Every framework measurement runs in its own subprocess (see ``bench_common``).
 * scaling: sampling on 1, 2, 4, 8 simulated CPU devices (weak scaling).
 * overlap: one training step with a fake judge of realistic latency, the judge
   overlapped with decoding and training (``train.overlap``) vs sequential.
+* lora: one GRPO update with LoRA adapters vs full fine-tuning (ours, time,
+  optimizer state, memory).
 
 ``--isa``: the instruction set the workers may use (``experiments/cpu_isa.py``):
 ``native`` (the CPU's own), ``avx2`` (an AVX-512 machine restricted to
@@ -46,7 +48,7 @@ import time
 
 from experiments import bench_common, cpu_isa
 
-BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling", "overlap")
+BENCHMARKS = ("sampling", "training", "pairs", "mfu", "memory", "scaling", "overlap", "lora")
 # Benchmarks whose run() measures several ISAs into one results file.
 MULTI_ISA = ("sampling", "training", "profile")
 

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from prefgrpo_jax import sampling, sharding
-from prefgrpo_jax.models.flux import ATTENTION_IMPLS, REMAT_POLICIES
+from prefgrpo_jax.models.flux import ATTENTION_IMPLS, DOUBLE_LORA_TARGETS, REMAT_POLICIES
 
 MODES = ("train", "sample", "eval", "plan")
 PLAN_PRESETS = ("", "flux1-dev")
@@ -120,6 +120,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
     check("keep_checkpoints", config.keep_checkpoints >= 1, "must be >= 1")
     check("export.dtype", config.export.dtype in DTYPES,
           f"must be one of {DTYPES}")
+    check("export.lora_merged", isinstance(config.export.lora_merged, bool),
+          "must be True (also write the merged transformer) or False (adapters only)")
     check("params_checkpoint_every", isinstance(config.params_checkpoint_every, int)
           and config.params_checkpoint_every >= 0, "must be an integer >= 0 (steps; 0 = off)")
     check("log_every", config.log_every >= 1, "must be >= 1")
@@ -132,6 +134,9 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
           f"must be one of {ATTENTION_IMPLS}")
     check("model.attention_chunk", int(config.model.attention_chunk) >= 1,
           "must be >= 1 (queries per chunk of attention='chunked', e.g. 512)")
+    from prefgrpo_jax import lora  # imports config's own dependencies only
+
+    problems.extend(lora.config_problems(config))
     path = Path(str(config.model.path)) if config.model.path else None
     plan = config.plan
     if not (mode == "plan" and plan.preset):
@@ -175,6 +180,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str = "train", num_devi
               f"must divide the {k} trained timesteps per sample (timestep_fraction x (num_steps - 1))")
     check("optim.learning_rate", config.optim.learning_rate > 0, "must be > 0")
     check("optim.weight_decay", config.optim.weight_decay >= 0, "must be >= 0")
+    check("optim.mu_dtype", config.optim.mu_dtype in DTYPES,
+          f"must be one of {DTYPES} (the dtype of Adam's first moment)")
     check("optim.max_grad_norm", config.optim.max_grad_norm is None or config.optim.max_grad_norm > 0, "must be > 0 or None")
     _check_guards(config, check)
 
@@ -391,6 +398,15 @@ def base_config() -> ml_collections.ConfigDict:
     # on GPU, Pallas splash on TPU, einsum on CPU; chunked bounds memory on CPU.
     c.model.attention = "auto"
     c.model.attention_chunk = 512  # queries per chunk of attention="chunked"
+    # LoRA (prefgrpo_jax/lora.py): rank 0 = full fine-tuning. With rank > 0 only
+    # peft-style adapters on the diffusers modules in targets (peft's suffix
+    # match) are trained and checkpointed; the base stays frozen in model.dtype.
+    # The reference's recipe: rank 64, alpha 128 (configs/flux_lora.py).
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 128.0  # delta scale alpha / rank, as peft's lora_alpha
+    c.model.lora.targets = tuple(DOUBLE_LORA_TARGETS)  # the reference's lora_target_modules (a tuple: CLI-settable)
+    c.model.lora.init = "default"  # peft's init_lora_weights: "default" (=True) or "gaussian"; B = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.prompts = ""  # .txt (one per line) or .jsonl ({"prompt": ..., "category": ...})
@@ -449,6 +465,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    # Adam's first moment: "bfloat16" halves its bytes (optax mu_dtype; the
+    # second moment stays fp32: its squares underflow bf16's mantissa sooner).
+    c.optim.mu_dtype = "float32"
     c.optim.schedule = "constant"  # or "cosine" (to 0 at total_steps x updates_per_rollout)
     c.optim.warmup_steps = 0  # linear warmup over this many optimizer updates
 
@@ -521,6 +540,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The trained transformer written at the end of a run (workdir/export).
     c.export = ml_collections.ConfigDict()
     c.export.dtype = "bfloat16"  # or "float32" (the master weights as trained)
+    # LoRA runs export their adapters (export/lora, peft format); True also
+    # writes the transformer with the adapters merged (export/transformer).
+    c.export.lora_merged = False
 
     # --mode=plan: compile this config's programs for a topology (simulated CPU
     # devices) and report per-device memory, FLOPs and collectives.

@@ -176,8 +176,12 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW with global-norm clipping, skipping non-finite updates.
+
+    ``mu_dtype`` (e.g. ``jnp.bfloat16``) stores Adam's first moment in that
+    dtype (optax casts it back for the update); None keeps the params' dtype.
 
     ``apply_if_finite`` leaves params and Adam moments untouched on a step whose
     gradient has a NaN/Inf and counts it (``opt_state.total_notfinite``); the
@@ -186,7 +190,8 @@ def make_optimizer(
     chain = []
     if max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(max_grad_norm))
-    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    chain.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mu_dtype=mu_dtype))
     return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=2**30)
 
 
@@ -222,7 +227,7 @@ def _repeat_each(tree: Any, c: int) -> Any:
 class SplitStep(NamedTuple):
     """``make_train_step(..., split=True)``: one optimizer update, micro-batch by micro-batch.
 
-    ``carry = start(state)``; ``carry = add(state, carry, micro_batch, ref_params)``
+    ``carry = start(state)``; ``carry = add(state, carry, micro_batch, ref_params, frozen)``
     for each micro-batch (any rows; the sum over them is the update: the
     micro-batches must all be the same size for the loss scale of
     ``micro_batches`` equal parts); ``state, metrics = finish(state, carry)``.
@@ -243,7 +248,7 @@ def make_train_step(
     jit_kwargs: dict | None = None,
     split: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]] | SplitStep:
-    """Builds ``train_step(state, batch, key, ref_params=None) -> (state, metrics)``.
+    """Builds ``train_step(state, batch, key, ref_params=None, frozen=None) -> (state, metrics)``.
 
     ``batch`` holds (B = samples of this update, S = sampler.num_steps):
       latents ``[B, S + 1, L, C]``, log_probs ``[B, S]`` (from the rollout),
@@ -252,6 +257,10 @@ def make_train_step(
       ``grpo.rationorm``; optionally timesteps ``[B, k]`` (the trained step
       indices; drawn from ``key`` when absent).
     ``ref_params`` (needed iff ``grpo.kl_beta > 0``) is the frozen reference.
+    ``frozen``: LoRA's frozen base (``prefgrpo_jax.lora``). The model is then
+    ``velocity_fn((state["params"], frozen), ...)``: only the adapters get
+    gradients and optimizer state, and the KL reference is the adapters
+    switched off (zero), so ``ref_params`` is not used.
 
     With ``jit`` the step is jitted with the state donated; ``jit_kwargs`` adds
     e.g. ``in_shardings``/``out_shardings`` (with ``split``: to ``finish``).
@@ -278,11 +287,12 @@ def make_train_step(
     n_chunks = k // c
     weight = 1.0 / (n_chunks * grpo.micro_batches)
 
-    def chunk_loss(params, ref_params, x, x_next, logp_old, mean_old, adv, ti, cond, uncond):
+    def chunk_loss(params, frozen, ref_params, x, x_next, logp_old, mean_old, adv, ti, cond, uncond):
         sigma, sigma_next = sigmas[ti], sigmas[ti + 1]
         t = sampling.model_timesteps(sigma, sampler.quantize_timesteps)
 
         def transition(p):
+            p = p if frozen is None else (p, frozen)
             v = sampling.guided_velocity(velocity_fn, p, x, t, cond, uncond, sampler.cfg_scale)
             return sampling.sde_step(
                 x, v, sigma, sigma_next, eta=sampler.eta, mode=sampler.mode,
@@ -367,7 +377,7 @@ def make_train_step(
         }
         return zero_grads, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), zero_aux)
 
-    def accumulate(params, ref_params, carry, mb):
+    def accumulate(params, frozen, ref_params, carry, mb):
         """Adds one micro-batch's gradient and statistics to ``carry``."""
         def over_chunks(carry, ti):  # ti [b, c]
             grads, acc = carry
@@ -379,7 +389,7 @@ def make_train_step(
             cond = _repeat_each(mb["cond"], c)
             uncond = _repeat_each(mb["uncond"], c)
             (loss, aux), g = grad_fn(
-                params, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
+                params, frozen, ref_params, x, x_next, logp_old, mean_old, adv, ti.reshape(-1),
                 cond, uncond,
             )
             grads = jax.tree.map(lambda a, d: a + d.astype(jnp.float32), grads, g)
@@ -424,18 +434,23 @@ def make_train_step(
         new_state = {**state, "params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
-    def check_ref(ref_params):
+    def reference(params, ref_params, frozen):
+        """The KL reference: ``ref_params``, or with LoRA the adapters at zero (the base)."""
+        if frozen is not None and grpo.kl_beta > 0:
+            return jax.tree.map(jnp.zeros_like, params)  # no copy of the weights
         if grpo.kl_beta > 0 and ref_params is None:
             raise ValueError("kl_beta > 0 needs ref_params (the frozen reference policy)")
+        return ref_params
 
-    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None):
-        check_ref(ref_params)
+    def train_step(state: TrainState, batch: dict, key: jax.Array, ref_params: Any = None,
+                   frozen: Any = None):
+        ref_params = reference(state["params"], ref_params, frozen)
         if "timesteps" not in batch and not grpo.sde_window:
             batch = {**batch, "timesteps": select_timesteps(key, batch["latents"].shape[0], num_steps, k)}
         _, idx = check_batch(batch, grpo.micro_batches)
         params = state["params"]
         carry, _ = jax.lax.scan(
-            lambda carry, mb: (accumulate(params, ref_params, carry, mb), None),
+            lambda carry, mb: (accumulate(params, frozen, ref_params, carry, mb), None),
             zero_carry(params), split_micro(batch, idx, grpo.micro_batches),
         )
         return finish(state, carry)
@@ -444,11 +459,11 @@ def make_train_step(
         def start(state: TrainState):
             return zero_carry(state["params"])
 
-        def add(state: TrainState, carry, batch: dict, ref_params: Any = None):
-            check_ref(ref_params)
+        def add(state: TrainState, carry, batch: dict, ref_params: Any = None, frozen: Any = None):
+            ref_params = reference(state["params"], ref_params, frozen)
             _, idx = check_batch(batch, 1)
             mb = jax.tree.map(lambda a: a[0], split_micro(batch, idx, 1))
-            return accumulate(state["params"], ref_params, carry, mb)
+            return accumulate(state["params"], frozen, ref_params, carry, mb)
 
         if not jit:
             return SplitStep(start, add, finish)
@@ -529,6 +544,7 @@ def rollout_updates(
     updates: int,
     group_size: int,
     ref_params: Any = None,
+    frozen: Any = None,
     after_update: Callable[[TrainState], TrainState] | None = None,
 ) -> tuple[TrainState, list[dict[str, jax.Array]]]:
     """Runs the ``updates`` optimizer steps of one rollout.
@@ -538,6 +554,7 @@ def rollout_updates(
       batch: the whole rollout (``rollout_batch``) with ``timesteps [B, k]``
         already drawn, so each sample trains the same steps whatever update
         it lands in.
+      ref_params, frozen: passed to ``train_step`` (the KL reference; LoRA's base).
       after_update: applied to the state after each step (e.g. the EMA).
 
     Returns:
@@ -548,7 +565,7 @@ def rollout_updates(
     metrics = []
     for u in range(updates):
         part = rollout_part(batch, u, updates, group_size)
-        state, m = train_step(state, part, None, ref_params)
+        state, m = train_step(state, part, None, ref_params, frozen)
         if after_update is not None:
             state = after_update(state)
         metrics.append(m)

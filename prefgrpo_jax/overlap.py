@@ -180,6 +180,7 @@ def overlapped_updates(
     updates: int,
     group_size: int,
     ref_params: Any = None,
+    frozen: Any = None,
     after_update: Callable[[grpo.TrainState], grpo.TrainState] | None = None,
     before_wait: Callable[[range, Any], None] | None = None,
 ) -> tuple[grpo.TrainState, list[dict[str, jax.Array]], np.ndarray]:
@@ -190,6 +191,7 @@ def overlapped_updates(
         ``timesteps``), ``B = N x G`` rows, group-major.
       advantages: ``groups -> [n, G]`` fp32 advantages of those groups (may wait).
       chunks: the first update's micro-batches as ranges of groups, all the same size.
+      ref_params, frozen: the KL reference and LoRA's base (``grpo.make_train_step``).
       before_wait: ``(groups, carry)``, called before ``advantages(groups)`` with
         the gradients in flight (e.g. to wait for the accelerator first, so that
         the judge wait measured after it is accelerator idle time).
@@ -212,7 +214,7 @@ def overlapped_updates(
         adv.append(a)
         mb = jax.tree.map(lambda x: x[groups.start * per:groups.stop * per], first)
         mb["advantages"] = jnp.asarray(a[:, :per].reshape(-1))
-        carry = split.add(state, carry, mb, ref_params)
+        carry = split.add(state, carry, mb, ref_params, frozen)
     state, metrics = split.finish(state, carry)
     if after_update is not None:
         state = after_update(state)
@@ -221,7 +223,7 @@ def overlapped_updates(
     if updates > 1:
         full = {**batch, "advantages": jnp.asarray(adv_all.reshape(-1))}
         for u in range(1, updates):
-            state, m = train_step(state, grpo.rollout_part(full, u, updates, group_size), None, ref_params)
+            state, m = train_step(state, grpo.rollout_part(full, u, updates, group_size), None, ref_params, frozen)
             if after_update is not None:
                 state = after_update(state)
             per_update.append(m)
@@ -255,8 +257,8 @@ def trainer_step(trainer, traj, prompts: list[str], cond, uncond, k_train: jax.A
 
         state, per_update, _ = overlapped_updates(
             trainer.split_step, trainer.train_step, trainer.state, batch, stream.advantages, steps.chunks,
-            updates=updates, group_size=g, ref_params=trainer.ref_params, after_update=trainer.ema_update,
-            before_wait=before_wait,
+            updates=updates, group_size=g, ref_params=trainer.ref_params, frozen=trainer.frozen,
+            after_update=trainer.ema_update, before_wait=before_wait,
         )
         out = trainer.reward.from_outputs(stream.outputs())
     else:
@@ -264,7 +266,7 @@ def trainer_step(trainer, traj, prompts: list[str], cond, uncond, k_train: jax.A
         batch["advantages"] = jnp.asarray(out.advantages, jnp.float32).reshape(-1)
         state, per_update = grpo.rollout_updates(
             trainer.train_step, trainer.state, batch, updates=updates, group_size=g,
-            ref_params=trainer.ref_params, after_update=trainer.ema_update,
+            ref_params=trainer.ref_params, frozen=trainer.frozen, after_update=trainer.ema_update,
         )
     trainer.state = state
     reward_time = time.perf_counter() - t0

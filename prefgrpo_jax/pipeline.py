@@ -50,13 +50,22 @@ def make_velocity_fn(graphdef: nnx.GraphDef, compute_dtype: Any = None) -> sampl
     ``compute_dtype`` (e.g. bf16 on fp32 master weights, the reference's
     autocast): floating params are cast first, on their shards, so FSDP gathers
     move half the bytes; gradients flow back to the fp32 masters.
+
+    ``params`` is one state, or a tuple of states merged together: a LoRA
+    graph's ``(adapters, frozen base)`` (``prefgrpo_jax.lora``).
     """
 
     def velocity(params: Any, x: jax.Array, t: jax.Array, cond: dict) -> jax.Array:
         if compute_dtype is not None:
             params = jax.tree.map(
                 lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-        model = nnx.merge(graphdef, params)
+        if isinstance(params, tuple):
+            # Fresh Variables: the frozen base arrives from an outer trace (the
+            # jit) than the adapters (the grad), and NNX refuses a module whose
+            # Variables belong to different trace levels.
+            model = nnx.merge(graphdef, *params, copy=True)
+        else:
+            model = nnx.merge(graphdef, params)
         return model(
             x, cond["img_ids"], cond["txt"], cond["txt_ids"], t, cond["y"], cond.get("guidance")
         )
@@ -153,7 +162,8 @@ class FluxPipeline:
         self.max_sequence_length = max_sequence_length
         self.clip_max_length = int(min(getattr(tokenizer, "model_max_length", 77), 77))
         graphdef, _ = nnx.split(transformer)
-        self.velocity_fn = make_velocity_fn(graphdef, compute_dtype_of(transformer))
+        self.velocity_compute_dtype = compute_dtype_of(transformer)
+        self.velocity_fn = make_velocity_fn(graphdef, self.velocity_compute_dtype)
 
     # -- loading -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import ml_collections
 from flax import nnx
 
 from prefgrpo_jax import config as config_lib, grpo, program_analysis, sampling, sharding
+from prefgrpo_jax import lora as lora_lib
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder, flux, text_encoders
 from prefgrpo_jax.pipeline import compute_dtype_of, make_velocity_fn
@@ -33,6 +34,9 @@ from prefgrpo_jax.pipeline import compute_dtype_of, make_velocity_fn
 log = logging.getLogger(__name__)
 GIB = 2**30
 PRESETS = ("flux1-dev",)
+# The trained parameters' row: full fine-tuning's fp32 masters, or LoRA's adapters
+# (whose frozen base is a row of its own).
+TRAINED_LABEL = {False: "params (fp32 master)", True: "LoRA adapters (fp32)"}
 
 
 class PlanDoesNotFitError(SystemExit):
@@ -70,19 +74,23 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
 
 
 def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo_cfg, remat: bool,
-               updates: int) -> dict[str, int]:
+               updates: int, frozen: Any = None, frozen_shardings: Any = None) -> dict[str, int]:
     """Collective output bytes per device that FSDP cannot avoid, per step.
 
     Every forward pass gathers each sharded weight whole, in the compute dtype;
     training gathers again for the backward pass when blocks are rematerialised,
     and reduce-scatters each gradient (fp32, one shard's bytes) once per
-    forward/backward pass (micro-batches x timestep chunks).
+    forward/backward pass (micro-batches x timestep chunks). ``frozen`` (LoRA's
+    base) is gathered like the params but has no gradient.
     """
     gathered = scattered = 0
-    for leaf, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
-        if any(axis is not None for axis in s.spec):
-            gathered += math.prod(leaf.shape) * jnp.dtype(compute_dtype).itemsize
-            scattered += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    trees = [(params, shardings, True), (frozen, frozen_shardings, False)]
+    for tree, tree_shardings, trained in trees:
+        for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)):
+            if any(axis is not None for axis in s.spec):
+                gathered += math.prod(leaf.shape) * jnp.dtype(compute_dtype).itemsize
+                if trained:
+                    scattered += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
     k = grpo_cfg.num_train_timesteps(sampler.num_steps)
     passes = grpo_cfg.micro_batches * (k // grpo_cfg.timestep_chunk)
     return {
@@ -166,13 +174,21 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     cfgs = model_configs(config)
     model_dtype = state_lib.DTYPES[config.model.dtype]
 
-    # Policy: fp32 master weights, the trainer's shardings.
+    # Policy: fp32 master weights, the trainer's shardings. LoRA: fp32 adapters
+    # trained, the base frozen in model.dtype (state.lora_state).
+    spec = lora_lib.spec_from_config(config)
     transformer = flux.abstract_transformer(
-        cfgs["transformer"], dtype=jnp.float32, remat=bool(config.model.remat),
+        cfgs["transformer"], dtype=jnp.float32 if spec is None else model_dtype, remat=bool(config.model.remat),
         remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype],
         attention=_plan_attention(config.model.attention),
         attention_chunk=int(config.model.attention_chunk))
     graphdef, params = nnx.split(transformer)
+    base = base_shardings = base_abs = None
+    if spec is not None:
+        base = params
+        graphdef, params, _ = lora_lib.split(lora_lib.abstract_model(transformer, spec))
+        base_shardings = state_lib.tree_shardings(base, config, mesh)
+        base_abs = state_lib.with_shardings(base, base_shardings)
     optimizer = build_optimizer(config)
     abstract_state, state_shardings = state_lib.train_state_shardings(params, optimizer, config, mesh)
     state_abs = state_lib.with_shardings(abstract_state, state_shardings)
@@ -182,10 +198,12 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         "clip": _abstract_params(lambda: text_encoders.CLIPTextTransformer(cfgs["clip"], rngs=nnx.Rngs(0), param_dtype=model_dtype))[1],
         "vae": _abstract_params(lambda: autoencoder.Autoencoder(cfgs["vae"], rngs=nnx.Rngs(0), param_dtype=model_dtype))[1],
     }
+    if base is not None:
+        frozen["transformer base (LoRA)"] = base
     frozen_bytes = {k: per_device_bytes(v, state_lib.tree_shardings(v, config, mesh)) for k, v in frozen.items()}
     ref_bytes = 0
     ref_abs = None
-    if t.kl_beta > 0:
+    if t.kl_beta > 0 and spec is None:  # LoRA's reference: the adapters off, no copy
         ref_abs = state_abs["params"]
         ref_bytes = per_device_bytes(abstract_state["params"], state_shardings["params"])
 
@@ -210,18 +228,19 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
                                sharding=sharding.replicated(mesh))
     sampler = sampler_config(config, seq)
     velocity_fn = make_velocity_fn(graphdef, compute_dtype_of(transformer))
+    model_params = state_abs["params"] if base_abs is None else (state_abs["params"], base_abs)
 
     print(f"plan: {n_dev} simulated devices, mesh {dict(mesh.shape)}, {batch} images/step "
           f"({t.prompts_per_step} prompts x {t.group_size}), {t.height}x{t.width} px "
           f"({seq} image + {txt_len} text tokens), {t.num_steps} steps", flush=True)
-    lowered_s = sampling.sample_trajectory.lower(velocity_fn, sampler, state_abs["params"], key, cond, latent_shape)
+    lowered_s = sampling.sample_trajectory.lower(velocity_fn, sampler, model_params, key, cond, latent_shape)
     sampler_flops = program_analysis.jaxpr_flops(jax.make_jaxpr(
         lambda prm, k, c: sampling.sample_trajectory(velocity_fn, sampler, prm, k, c, latent_shape))(
-            state_abs["params"], key, cond))
+            model_params, key, cond))
     compiled_s, secs_s = _compile("sampling", lowered_s)
 
     traj = jax.eval_shape(lambda prm, k, c: sampling.sample_trajectory(velocity_fn, sampler, prm, k, c, latent_shape),
-                          state_abs["params"], key, cond)
+                          model_params, key, cond)
     adv = jax.ShapeDtypeStruct((batch,), jnp.float32)
     grpo_cfg = grpo_config(config)
     updates = grpo_cfg.updates_per_rollout
@@ -237,9 +256,10 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     repl = sharding.replicated(mesh)
     train_step = grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer,
                                       jit_kwargs={"out_shardings": (state_shardings, repl)})
-    lowered_t = train_step.lower(state_abs, batch_abs, key, ref_abs)
+    lowered_t = train_step.lower(state_abs, batch_abs, key, ref_abs, base_abs)
     train_flops = program_analysis.jaxpr_flops(jax.make_jaxpr(
-        grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer, jit=False))(state_abs, batch_abs, key, ref_abs))
+        grpo.make_train_step(velocity_fn, sampler, grpo_cfg, optimizer, jit=False))(
+            state_abs, batch_abs, key, ref_abs, base_abs))
     compiled_t, secs_t = _compile("training", lowered_t)
 
     mem_s = program_analysis.memory_stats(compiled_s)
@@ -252,7 +272,8 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     # XLA's CPU backend upcasts bf16 dots to f32 and gathers the weights in f32;
     # GPU/TPU compiles gather in the compute dtype. The simulated floor uses f32.
     floor = fsdp_floor(abstract_state["params"], state_shardings["params"], jnp.float32,
-                       sampler=sampler, grpo_cfg=grpo_cfg, remat=bool(config.model.remat), updates=updates)
+                       sampler=sampler, grpo_cfg=grpo_cfg, remat=bool(config.model.remat), updates=updates,
+                       frozen=base, frozen_shardings=base_shardings)
     params_b = per_device_bytes(abstract_state["params"], state_shardings["params"])
     opt_b = per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
     frozen_b = sum(frozen_bytes.values())
@@ -260,9 +281,10 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     resident = params_b + opt_b + frozen_b + ref_bytes
     # Sampling: the program's temporaries and its output (the trajectory) on top.
     peak_sampling = resident + mem_s["temp_bytes"] + mem_s["output_bytes"]
-    # Training: its arguments (state, trajectory batch, reference) + outputs not
-    # aliased to donated inputs + temporaries, beside the frozen parts.
-    peak_training = frozen_b + mem_t["peak_estimate_bytes"]
+    # Training: its arguments (state, trajectory batch, reference; LoRA's base)
+    # + outputs not aliased to donated inputs + temporaries, beside the other
+    # frozen parts.
+    peak_training = frozen_b - frozen_bytes.get("transformer base (LoRA)", 0) + mem_t["peak_estimate_bytes"]
     peak = max(peak_sampling, peak_training)
     budget = float(p.device_memory_gib) * float(p.usable_fraction) * GIB
     return {
@@ -275,7 +297,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
         "resolution": [t.height, t.width],
         "tokens": {"image": seq, "text": txt_len},
         "per_device_gib": {
-            "params (fp32 master)": params_b / GIB,
+            TRAINED_LABEL[spec is not None]: params_b / GIB,
             "optimizer state": opt_b / GIB,
             **{f"frozen {k} ({config.model.dtype})": v / GIB for k, v in frozen_bytes.items()},
             "KL reference params": ref_bytes / GIB,
@@ -303,6 +325,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
             "loops without a known trip count (counted once)": coll_s["unknown_trip_counts"] + coll_t["unknown_trip_counts"],
         },
         "compile_seconds": {"sampling": secs_s, "training": secs_t},
+        "lora": spec is not None,
         "fits": peak <= budget,
         "headroom_gib": (budget - peak) / GIB,
         "not_counted": "VAE decode and reward-model temporaries (run between the two programs, "
@@ -357,8 +380,9 @@ def plan(config: ml_collections.ConfigDict, workdir: str | Path, command: str = 
         raise PlanDoesNotFitError(
             f"plan: does not fit: peak {g['peak']:.2f} GiB per device > {report['usable_fraction']:g} x "
             f"{report['device_memory_gib']:g} GiB usable "
-            f"(state {g['params (fp32 master)'] + g['optimizer state']:.2f}, peak while training "
+            f"(state {g[TRAINED_LABEL[report['lora']]] + g['optimizer state']:.2f}, peak while training "
             f"{g['peak while training']:.2f}, while sampling {g['peak while sampling']:.2f}); use more "
-            "devices (FSDP divides the state), fewer images per step, or LoRA"
+            "devices (FSDP divides the state), fewer images per step"
+            + ("" if report["lora"] else ", or LoRA (configs/flux_lora.py)")
         )
     return report

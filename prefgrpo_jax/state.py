@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from prefgrpo_jax import checkpoint, convert, grpo, sharding
+from prefgrpo_jax import checkpoint, convert, grpo, lora, sharding
 from prefgrpo_jax.pipeline import FluxPipeline
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,24 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, shard
     return init(params)
 
 
+def lora_state(pipe: FluxPipeline, spec: Any, config: ml_collections.ConfigDict, mesh: Mesh, *,
+               fresh: bool) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, adapters, base)`` of a LoRA run (``config.model.lora``).
+
+    ``base`` is the pipeline's transformer, taken over (``take_transformer_params``)
+    as the frozen base; ``adapters`` are born in their shardings by ``model.lora.init``
+    from ``fold_in(key(seed), 1)`` when ``fresh``, else abstract (a restore target).
+    ``graphdef`` merges ``(adapters, base)`` (``pipeline.make_velocity_fn``).
+    """
+    _, base = pipe.take_transformer_params()
+    graphdef, abstract, _ = lora.split(lora.abstract_model(pipe.transformer, spec))
+    if not fresh:
+        return graphdef, abstract, base
+    key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+    adapters = lora.init_adapters(abstract, key, config.model.lora.init, tree_shardings(abstract, config, mesh))
+    return graphdef, adapters, base
+
+
 def copy_params(params: Any, shardings: Any) -> Any:
     """A separate buffer of ``params`` (the train state is donated each step)."""
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
@@ -130,14 +148,19 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
 
     With a checkpoint the base transformer is never read and no optimizer state
     is restored: only ``params``, each leaf into its sharding and in
-    ``config.model.dtype``.
+    ``config.model.dtype``. A LoRA run's checkpoints hold its adapters: the base
+    is read and the adapters merged into it (a plain transformer to sample).
     """
     mesh = mesh or sharding.make_mesh(dict(config.mesh))
     checkpointers = _params_checkpointers(config, workdir)
     if not checkpointers:
         return load_pipeline(config, mesh), None
-    pipe = load_pipeline(config, mesh, load_transformer=False)
-    _, abstract = nnx.split(pipe.transformer)
+    spec = lora.spec_from_config(config)
+    pipe = load_pipeline(config, mesh, load_transformer=spec is not None)
+    if spec is None:
+        _, abstract = nnx.split(pipe.transformer)
+    else:
+        _, abstract, _ = lora.split(lora.abstract_model(pipe.transformer, spec))
     target = with_shardings(abstract, tree_shardings(abstract, config, mesh))
     found = None
     try:
@@ -153,6 +176,9 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
         for ckpt in checkpointers:
             ckpt.close()
     if found is None:
-        return load_pipeline(config, mesh), None
+        return (pipe if spec is not None else load_pipeline(config, mesh)), None
     step, params = found
+    if spec is not None:
+        pipe.transformer = lora.merged_model(pipe.transformer, params, spec)
+        return pipe, step
     return pipe.with_transformer_params(params), step

@@ -27,9 +27,10 @@ from flax import nnx
 
 from prefgrpo_jax import checkpoint, config as config_lib, data, grpo, overlap, run_guards, sampling, sharding, workdir_lock
 from prefgrpo_jax import ema as ema_lib
+from prefgrpo_jax import lora as lora_lib
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
-from prefgrpo_jax.pipeline import FluxPipeline
+from prefgrpo_jax.pipeline import FluxPipeline, make_velocity_fn
 from prefgrpo_jax.rewards import registry
 from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend, save_image_grid
 
@@ -86,7 +87,7 @@ def build_optimizer(config: ml_collections.ConfigDict):
     o = config.optim
     return grpo.make_optimizer(
         lr_schedule(config), weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
-        b1=o.b1, b2=o.b2, eps=o.eps,
+        b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=state_lib.DTYPES[o.mu_dtype],
     )
 
 
@@ -178,18 +179,27 @@ class Trainer:
                 self.workdir / checkpoint.DIRECTORIES["params"], keep=config.keep_checkpoints,
                 save_every=config.params_checkpoint_every, kind="params",
             )
-        # Resuming without a KL reference never reads the base transformer.
+        # Resuming without a KL reference never reads the base transformer
+        # (LoRA always needs it: its checkpoints hold the adapters alone).
         resuming = self.checkpointer.latest_step() is not None
-        load_base = not resuming or t.kl_beta > 0
-        # Trained params in fp32 (master weights), frozen parts in model.dtype;
-        # every component born sharded on the mesh.
-        self.pipe = state_lib.load_pipeline(config, self.mesh, transformer_dtype=jnp.float32,
-                                            load_transformer=load_base)
-        graphdef, params = self.pipe.take_transformer_params()
+        self.lora = lora_lib.spec_from_config(config)
+        load_base = not resuming or t.kl_beta > 0 or self.lora is not None
+        # Trained params in fp32 (master weights), frozen parts (LoRA's base
+        # included) in model.dtype; every component born sharded on the mesh.
+        self.pipe = state_lib.load_pipeline(
+            config, self.mesh, transformer_dtype=None if self.lora else jnp.float32, load_transformer=load_base)
+        self.frozen = None  # LoRA's base transformer, passed beside the trained adapters
+        if self.lora is None:
+            graphdef, params = self.pipe.take_transformer_params()
+            self.velocity_fn = self.pipe.velocity_fn
+        else:
+            graphdef, params, self.frozen = state_lib.lora_state(self.pipe, self.lora, config, self.mesh,
+                                                                 fresh=not resuming)
+            self.velocity_fn = make_velocity_fn(graphdef, self.pipe.velocity_compute_dtype)
         abstract_state, self.state_shardings = state_lib.train_state_shardings(
             params, self.optimizer, config, self.mesh, ema=self.ema_update is not None)
         self.ref_params = None
-        if t.kl_beta > 0:
+        if t.kl_beta > 0 and self.lora is None:  # LoRA's reference: the adapters off (grpo)
             # Frozen reference = the initial weights, in a buffer of its own.
             self.ref_params = state_lib.copy_params(params, self.state_shardings["params"])
         # On resume the state is restored into these shardings by restore().
@@ -202,7 +212,6 @@ class Trainer:
         self.sampler = sampler_config(config, self.latent_shape[0])
         self.grpo = grpo_config(config)
         self.lr_schedule = lr_schedule(config)
-        self.velocity_fn = self.pipe.velocity_fn
         repl = sharding.replicated(self.mesh)
         self.train_step = grpo.make_train_step(
             self.velocity_fn, self.sampler, self.grpo, self.optimizer,
@@ -240,6 +249,8 @@ class Trainer:
             "vae": vae_params,
             "text encoders": (nnx.split(self.pipe.text_encoder)[1], nnx.split(self.pipe.text_encoder_2)[1]),
         }
+        if self.frozen is not None:
+            frozen["transformer base (LoRA)"] = self.frozen
         self.summary = startup_summary(
             config, self.mesh, abstract_state["params"], abstract_state["opt_state"], frozen,
             self.sampler, self.grpo,
@@ -305,8 +316,9 @@ class Trainer:
         if window:  # Flow-GRPO-Fast: one window start per rollout, uniform in the range
             lo, hi = (int(v) for v in cfg.sde_window_range)
             window_start = jax.random.randint(jax.random.fold_in(k_train, 1), (), lo, hi - window + 1)
+        model_params = self.state["params"] if self.frozen is None else (self.state["params"], self.frozen)
         traj = sampling.sample_trajectory(
-            self.velocity_fn, self.sampler, self.state["params"], k_sample, cond, self.latent_shape,
+            self.velocity_fn, self.sampler, model_params, k_sample, cond, self.latent_shape,
             uncond, None, window_start,
         )
         counted = {name: src.counters for name, src in self.reward.sources.items() if src.counters}
@@ -375,7 +387,7 @@ class Trainer:
         batch = self.rollout_batch(traj, advantages, cond, uncond, k_train, window, window_start)
         self.state, per_update = grpo.rollout_updates(
             self.train_step, self.state, batch, updates=self.grpo.updates_per_rollout, group_size=g,
-            ref_params=self.ref_params, after_update=self.ema_update,
+            ref_params=self.ref_params, frozen=self.frozen, after_update=self.ema_update,
         )
         return out, adv_all, per_update, local_images, reward_time
 
@@ -413,16 +425,24 @@ class Trainer:
             "seed": self.config.seed,
             "data_position": self.stream.position_at(step),
             "reference_params": (
-                f"initial weights of {self.config.model.path} (not stored)" if self.ref_params is not None else None
+                f"initial weights of {self.config.model.path} (not stored)"
+                if self.config.train.kl_beta > 0 else None
             ),
             "config": self.config.to_dict(),
         }
 
+    def trained_transformer(self) -> nnx.Module:
+        """The served transformer (EMA when ``ema.use``); LoRA's adapters merged into its base."""
+        graphdef, _ = nnx.split(self.pipe.transformer)
+        served = ema_lib.served_params(self.state, self.config)
+        if self.lora is None:
+            return nnx.merge(graphdef, served)
+        return lora_lib.merged_model(nnx.merge(graphdef, self.frozen), served, self.lora)
+
     def trained_pipeline(self) -> FluxPipeline:
         """The pipeline with the current trained transformer weights (everything else shared)."""
-        graphdef, _ = nnx.split(self.pipe.transformer)
         pipe = copy.copy(self.pipe)
-        pipe.transformer = nnx.merge(graphdef, ema_lib.served_params(self.state, self.config))
+        pipe.transformer = self.trained_transformer()
         return pipe
 
     def run(self) -> None:
@@ -522,14 +542,23 @@ class Trainer:
 
     def export_final(self) -> Path:
         """The trained transformer as a diffusers directory (drop-in ``transformer/``),
-        in ``config.export.dtype`` (bf16 by default, as FLUX.1-dev ships)."""
+        in ``config.export.dtype`` (bf16 by default, as FLUX.1-dev ships). A LoRA run
+        writes its adapters in peft format (``export/lora``) and the merged
+        transformer only when ``export.lora_merged``."""
         from prefgrpo_jax import export
 
         if not run_guards.tree_all_finite(self.state["params"]):
             raise NonFiniteError("the trained parameters hold NaN/Inf: not exporting them; the last "
                                  f"good checkpoint is in {self.checkpointer.directory}")
-        graphdef, _ = nnx.split(self.pipe.transformer)
-        model = nnx.merge(graphdef, ema_lib.served_params(self.state, self.config))
+        if self.lora is not None:
+            file = lora_lib.save_peft(ema_lib.served_params(self.state, self.config), self.pipe.transformer.cfg,
+                                      self.lora, self.workdir / "export" / "lora", dtype=self.config.export.dtype)
+            if self.is_chief:
+                print(f"exported the LoRA adapters (peft format, FluxPipeline.load_lora_weights) to {file}",
+                      flush=True)
+            if not self.config.export.lora_merged:
+                return file
+        model = self.trained_transformer()
         out = self.workdir / "export" / "transformer"
         export.save_transformer(model, out, dtype=self.config.export.dtype)
         if self.is_chief:

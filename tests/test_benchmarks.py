@@ -86,6 +86,16 @@ def test_overlap(tmp_path):
     assert _finite_positive(doc["speedup"])
 
 
+def test_lora(tmp_path):
+    doc = _run("lora", tmp_path)
+    full, lora = doc["results"]
+    for r in (full, lora):
+        assert _finite_positive(r["steady_s"]) and _finite_positive(r["compile_s"])
+    # Only the adapters are trained: far fewer parameters and Adam moments.
+    assert 0 < lora["trained_params"] < full["trained_params"]
+    assert 0 < doc["ratios"]["optimizer_state_fraction"] < 1
+
+
 def test_pairs(tmp_path):
     doc = _run("pairs", tmp_path)
     groups = [r["group"] for r in doc["results"]]

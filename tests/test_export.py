@@ -24,6 +24,7 @@ from prefgrpo_jax.models.flux import FluxConfig, FluxTransformer
 from prefgrpo_jax.models.text_encoders import CLIPTextConfig, T5Config
 from prefgrpo_jax.pipeline import FluxPipeline
 from pipeline_fixture import IMAGE_SIZE
+from velocity_helpers import jax_velocity, torch_velocity, velocity_inputs
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -264,40 +265,15 @@ def test_finetuned_transformer_velocity_matches_diffusers(ours, tmp_path):
         torch_model.x_embedder.weight.detach().numpy(),
         np.asarray(ours.transformer.img_in.kernel[...]).T + np.float32(0.01))
 
-    cfg = tuned.cfg
-    rng = np.random.default_rng(0)
-    b, hh, ww, t = 2, 4, 4, 6
-    rows, cols = np.meshgrid(np.arange(hh), np.arange(ww), indexing="ij")
-    img_ids = np.stack([np.zeros_like(rows), rows, cols], -1).reshape(-1, 3).astype(np.float32)
-    txt_ids = np.zeros((t, 3), np.float32)
-    x = {
-        "img": rng.standard_normal((b, hh * ww, cfg.in_channels)).astype(np.float32),
-        "txt": rng.standard_normal((b, t, cfg.context_dim)).astype(np.float32),
-        "timesteps": np.array([0.3, 0.9], np.float32),
-        "y": rng.standard_normal((b, cfg.vec_dim)).astype(np.float32),
-        "guidance": np.array([3.5, 1.0], np.float32),
-    }
-    v = np.asarray(tuned(
-        jnp.asarray(x["img"]), jnp.broadcast_to(img_ids, (b, hh * ww, 3)), jnp.asarray(x["txt"]),
-        jnp.broadcast_to(txt_ids, (b, t, 3)), jnp.asarray(x["timesteps"]), jnp.asarray(x["y"]),
-        jnp.asarray(x["guidance"])))
-    tx = {k: torch.from_numpy(a) for k, a in x.items()}
-    with torch.no_grad():
-        ref = torch_model(
-            hidden_states=tx["img"], encoder_hidden_states=tx["txt"],
-            pooled_projections=tx["y"], timestep=tx["timesteps"],
-            img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids),
-            guidance=tx["guidance"], return_dict=False,
-        )[0].numpy()
+    x = velocity_inputs(tuned.cfg)
+    v = jax_velocity(tuned, x)
+    ref = torch_velocity(torch_model, x)
     abs_err = float(np.abs(v - ref).max())
     rel = abs_err / float(np.abs(ref).max())
     print(f"fine-tuned export velocity vs diffusers: max-abs {abs_err:.1e}, rel {rel:.1e}")
     assert rel <= 1e-4
     # The shift changed the velocity far beyond that bound, so the check has teeth.
-    v0 = np.asarray(ours.transformer(
-        jnp.asarray(x["img"]), jnp.broadcast_to(img_ids, (b, hh * ww, 3)), jnp.asarray(x["txt"]),
-        jnp.broadcast_to(txt_ids, (b, t, 3)), jnp.asarray(x["timesteps"]), jnp.asarray(x["y"]),
-        jnp.asarray(x["guidance"])))
+    v0 = jax_velocity(ours.transformer, x)
     assert float(np.abs(v0 - ref).max()) / float(np.abs(ref).max()) > 100 * 1e-4
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from prefgrpo_jax import config as config_lib
+from prefgrpo_jax import lora
 from prefgrpo_jax.train import TIMING_KEYS
 from prefgrpo_jax.train_logging import reward_trend
 from train_helpers import REPO, env, main_command, metrics, run_main, write_test_config
@@ -161,10 +162,18 @@ EVAL_EVERY = ("--config.eval.every=2", "--config.eval.every_prompts=5", "--confi
               "--config.eval.batch_size=5")
 
 
+# LoRA: adapters on the reference's targets plus proj_mlp/proj_out (every layout),
+# a KL term to the adapters-off reference, the merged transformer exported too.
+LORA = ("--config.model.lora.rank=4", "--config.model.lora.alpha=8.0", "--config.train.kl_beta=0.01",
+        "--config.model.lora.targets=" + repr(tuple(lora.REFERENCE_TARGETS) + ("proj_mlp", "proj_out")),
+        "--config.export.lora_merged=True")
+
+
 @pytest.mark.slow
-def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path):
+@pytest.mark.parametrize("extra", [(), LORA], ids=["full", "lora"])
+def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path, extra):
     full = tmp_path / "full"
-    proc = run_main(test_config, full, *EVAL_EVERY)
+    proc = run_main(test_config, full, *EVAL_EVERY, *extra)
     assert "memory estimate per device" in proc.stdout and "ETA" in proc.stdout
     rows = metrics(full)
     assert reward_trend(rows) in proc.stdout  # the run ends with the monitored reward's trend
@@ -182,10 +191,17 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
 
     exported = flux.load_diffusers(full / "export" / "transformer")
     assert exported.cfg.hidden_size == 32
+    if extra:  # only the adapters were trained and checkpointed; they are exported for peft
+        assert "frozen transformer base (LoRA)" in proc.stdout
+        assert (full / "export" / "lora" / lora.WEIGHT_NAME).is_file()
+        assert max(r["kl_ref"] for r in rows) > 0
+        # --mode=sample restores the adapters and merges them into the base.
+        sampled = run_main(test_config, full, "--mode=sample", *extra)
+        assert "restored the transformer of step 4" in sampled.stderr
 
     # Same command, killed with SIGKILL once the step-2 checkpoint exists, then rerun.
     resumed = tmp_path / "resumed"
-    killed = subprocess.Popen(main_command(test_config, resumed, *EVAL_EVERY), cwd=REPO, env=env(1),
+    killed = subprocess.Popen(main_command(test_config, resumed, *EVAL_EVERY, *extra), cwd=REPO, env=env(1),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "2").is_dir():
@@ -195,7 +211,7 @@ def test_end_to_end_outputs_and_exact_resume_after_sigkill(test_config, tmp_path
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert (resumed / "metrics.jsonl").exists()
-    proc = run_main(test_config, resumed, *EVAL_EVERY)
+    proc = run_main(test_config, resumed, *EVAL_EVERY, *extra)
     assert "resumed from checkpoint" in proc.stderr
     assert comparable(metrics(resumed)) == comparable(rows)
 

@@ -12,7 +12,9 @@ applied with ``nnx.scan``, so compile time does not grow with depth;
 (``remat_policy`` chooses what is kept: see :data:`REMAT_POLICIES`).
 ``attention`` picks the joint-attention kernel per platform (cuDNN flash on
 GPU, Pallas splash on TPU, einsum or query-chunked einsum on CPU: see
-:data:`ATTENTION_IMPLS`).
+:data:`ATTENTION_IMPLS`). ``lora`` (a :class:`LoraSpec`) adds peft-style
+adapters (``nnx.LoRA``) to the linears it names, one per diffusers projection
+even where ours are fused.
 
 Call convention (BFL)::
 
@@ -68,6 +70,8 @@ __all__ = [
     "load_bfl",
     "abstract_transformer",
     "diffusers_config",
+    "LoraSpec",
+    "lora_layout",
 ]
 
 # ---------------------------------------------------------------------------
@@ -475,6 +479,162 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax
 
 
 # ---------------------------------------------------------------------------
+# LoRA adapters (peft's LoRA on diffusers' module names).
+#
+# peft adapts a torch Linear ``W`` as ``W x + (alpha / r) B A x``. Our fused
+# linears (BFL's qkv, the single block's linear1) hold several diffusers
+# Linears side by side, so each diffusers projection keeps its own A/B pair and
+# adds its delta to its slice of the fused output: the adapters are exactly
+# peft's and export one to one. Names are peft's target-module suffixes.
+
+# The adaptable diffusers Linears of each block kind, named under their block
+# (an adapter's attribute name is ``lora_key(name)``).
+DOUBLE_LORA_TARGETS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+SINGLE_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")
+FINAL_LORA_TARGETS = ("proj_out",)  # the transformer's top-level output projection
+# Where each block kind's modules live in diffusers' FluxTransformer2DModel.
+LORA_PREFIXES = {"double": "transformer_blocks.{}.", "single": "single_transformer_blocks.{}.",
+                 "final": ""}
+_LORA_TARGETS = {"double": DOUBLE_LORA_TARGETS, "single": SINGLE_LORA_TARGETS,
+                 "final": FINAL_LORA_TARGETS}
+
+
+def lora_key(module: str) -> str:
+    """Adapter attribute name of a diffusers module name (``attn.to_out.0`` -> ``attn_to_out_0``)."""
+    return module.replace(".", "_")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSpec:
+    """Which linears carry adapters, and their rank and scale.
+
+    Attributes:
+      rank: r, the inner dimension of every adapter (> 0).
+      alpha: peft's ``lora_alpha``; the delta is scaled by ``alpha / rank``.
+      targets: peft-style target-module names in diffusers' vocabulary. A
+        target matches a module whose full name equals it or ends with
+        ``"." + target`` (peft's rule), so ``attn.to_q`` adapts the double and
+        the single blocks' ``to_q``.
+    """
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise ValueError(f"model.lora.rank={self.rank!r}: must be an integer >= 1 (0 turns LoRA off).")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha!r}: must be > 0 (peft's lora_alpha, e.g. 128).")
+        if not self.targets:
+            raise ValueError("model.lora.targets is empty: name the diffusers modules to adapt, e.g. "
+                             f"{list(DOUBLE_LORA_TARGETS)}.")
+        unmatched = [t for t in self.targets if not any(self.modules(kind, t) for kind in _LORA_TARGETS)]
+        if unmatched:
+            supported = sorted(set(DOUBLE_LORA_TARGETS + SINGLE_LORA_TARGETS))
+            raise ValueError(f"model.lora.targets {unmatched} match no adaptable FLUX linear: use names "
+                             f"from {supported} (peft suffix matching, e.g. 'to_q' or 'attn.to_q').")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / int(self.rank)
+
+    @staticmethod
+    def modules(kind: str, target: str) -> tuple[str, ...]:
+        """The ``kind`` block's modules (``double``, ``single``, ``final``) that ``target`` matches."""
+        prefix = LORA_PREFIXES[kind].format(0)
+        return tuple(m for m in _LORA_TARGETS[kind]
+                     if prefix + m == target or (prefix + m).endswith("." + target))
+
+    def adapted(self, kind: str) -> tuple[str, ...]:
+        """The ``kind`` block's adapted diffusers modules, in table order."""
+        hit = {m for t in self.targets for m in self.modules(kind, t)}
+        return tuple(m for m in _LORA_TARGETS[kind] if m in hit)
+
+
+class Adapters(nnx.Module):
+    """The LoRA pairs of one block: ``nnx.LoRA`` per adapted diffusers module.
+
+    ``lora_a [din, r]`` is He-uniform and ``lora_b [r, dout]`` zero (peft's
+    ``init_lora_weights=True`` up to A's bound): the model starts exactly at its
+    base. Parameters are ``nnx.LoRAParam``, which is how training tells them
+    from the frozen base.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], spec: LoraSpec, *, rngs: nnx.Rngs,
+                 dtype, param_dtype):
+        self.scale = spec.scale
+        self.layers = nnx.Dict({
+            lora_key(m): nnx.LoRA(din, spec.rank, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for m, (din, dout) in shapes.items()})
+
+    def fused(self, modules: tuple[str, ...], sizes: tuple[int, ...], x: jax.Array,
+              y: jax.Array) -> jax.Array:
+        """``y [..., sum(sizes)]`` (a fused linear of ``x``) plus each module's delta on its slice."""
+        keys = [lora_key(m) for m in modules]
+        if not any(k in self.layers for k in keys):
+            return y
+        parts = [self.scale * self.layers[k](x) if k in self.layers
+                 else jnp.zeros(x.shape[:-1] + (size,), y.dtype) for k, size in zip(keys, sizes)]
+        return y + jnp.concatenate(parts, axis=-1).astype(y.dtype)
+
+
+def _adapters(spec: LoraSpec | None, kind: str, shapes: dict[str, tuple[int, int]], **kw
+              ) -> Adapters | None:
+    """The ``kind`` block's adapters (None without LoRA or when no target matches it)."""
+    adapted = () if spec is None else spec.adapted(kind)
+    if not adapted:
+        return None
+    return Adapters({m: shapes[m] for m in adapted}, spec, **kw)
+
+
+def _adapt(adapters: Adapters | None, modules: tuple[str, ...], sizes: tuple[int, ...],
+           x: jax.Array, y: jax.Array) -> jax.Array:
+    return y if adapters is None else adapters.fused(modules, sizes, x, y)
+
+
+def lora_layout(cfg: FluxConfig) -> dict[tuple[str, str], tuple[str, int, int]]:
+    """``(kind, diffusers module) -> (our base linear, first, last output column)``.
+
+    Where each adapter's delta lands in our (possibly fused) linears: what a
+    merged export adds ``scale * A @ B`` to. ``kind`` indexes :data:`LORA_PREFIXES`;
+    base linears are paths under ``double_blocks``/``single_blocks``/the model.
+    """
+    h, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    layout = {}
+    for stream, (q, k, v, o), ff in (
+        ("img", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"), "ff"),
+        ("txt", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"), "ff_context"),
+    ):
+        for i, name in enumerate((q, k, v)):
+            layout["double", name] = (f"double_blocks.{stream}_attn.qkv", i * h, (i + 1) * h)
+        layout["double", o] = (f"double_blocks.{stream}_attn.proj", 0, h)
+        layout["double", f"{ff}.net.0.proj"] = (f"double_blocks.{stream}_mlp.0", 0, m)
+        layout["double", f"{ff}.net.2"] = (f"double_blocks.{stream}_mlp.2", 0, h)
+    for i, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+        layout["single", name] = ("single_blocks.linear1", i * h, (i + 1) * h)
+    layout["single", "proj_mlp"] = ("single_blocks.linear1", 3 * h, 3 * h + m)
+    layout["single", "proj_out"] = ("single_blocks.linear2", 0, h)
+    layout["final", "proj_out"] = ("final_layer.linear", 0, cfg.out_channels)
+    return layout
+
+
+def lora_shapes(cfg: FluxConfig, kind: str) -> dict[str, tuple[int, int]]:
+    """``diffusers module -> (in, out)`` features of ``kind``'s adaptable linears."""
+    h, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    din = {"ff.net.2": m, "ff_context.net.2": m}
+    if kind == "single":
+        din = {"proj_out": h + m}
+    return {name: (din.get(name, h), stop - start)
+            for (k, name), (_, start, stop) in lora_layout(cfg).items() if k == kind}
+
+
+# ---------------------------------------------------------------------------
 # Modules (names follow BFL so its checkpoints map by identity).
 
 
@@ -542,9 +702,15 @@ class SelfAttention(nnx.Module):
         self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
         self.proj = _linear(h, h, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def qkv_heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``x [B, L, hidden]`` -> normed q, k and v, each ``[B, L, H, D]``."""
-        return _split_heads(constrain(self.qkv(x), FUSED_OUT), self.num_heads, self.norm)
+    def qkv_heads(self, x: jax.Array, adapters: Adapters | None = None,
+                  modules: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [B, L, hidden]`` -> normed q, k and v, each ``[B, L, H, D]``.
+
+        ``adapters``/``modules``: the block's LoRA and the diffusers names of q, k, v.
+        """
+        h = x.shape[-1]
+        qkv = _adapt(adapters, modules, (h, h, h), x, self.qkv(x))
+        return _split_heads(constrain(qkv, FUSED_OUT), self.num_heads, self.norm)
 
 
 class Modulation(nnx.Module):
@@ -571,16 +737,22 @@ def _mlp(cfg: FluxConfig, *, rngs, dtype, param_dtype) -> nnx.List:
     ])
 
 
-def _apply_mlp(mlp: nnx.List, x: jax.Array) -> jax.Array:
-    return mlp[2](nnx.gelu(mlp[0](x), approximate=True))
+def _apply_mlp(mlp: nnx.List, x: jax.Array, adapters: Adapters | None = None,
+               modules: tuple[str, str] = ("", "")) -> jax.Array:
+    """``modules``: diffusers names of the two linears (``ff.net.0.proj``, ``ff.net.2``)."""
+    hidden = _adapt(adapters, modules[:1], (mlp[0].out_features,), x, mlp[0](x))
+    hidden = nnx.gelu(hidden, approximate=True)
+    return _adapt(adapters, modules[1:], (mlp[2].out_features,), hidden, mlp[2](hidden))
 
 
 class DoubleStreamBlock(nnx.Module):
     """MM-DiT block: separate img/txt weights, joint attention over [txt, img]."""
 
-    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 lora: LoraSpec | None = None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         h = cfg.hidden_size
+        self.lora = _adapters(lora, "double", lora_shapes(cfg, "double"), **kw)
         self.img_mod = Modulation(h, double=True, **kw)
         self.img_attn = SelfAttention(cfg, **kw)
         self.img_mlp = _mlp(cfg, **kw)
@@ -595,9 +767,10 @@ class DoubleStreamBlock(nnx.Module):
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
 
         img_q, img_k, img_v = self.img_attn.qkv_heads(
-            (1 + i_scale1) * _layer_norm(img) + i_shift1)
+            (1 + i_scale1) * _layer_norm(img) + i_shift1, self.lora, ("attn.to_q", "attn.to_k", "attn.to_v"))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(
-            (1 + t_scale1) * _layer_norm(txt) + t_shift1)
+            (1 + t_scale1) * _layer_norm(txt) + t_shift1, self.lora,
+            ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"))
 
         q = jnp.concatenate([txt_q, img_q], axis=1)
         k = jnp.concatenate([txt_k, img_k], axis=1)
@@ -606,20 +779,28 @@ class DoubleStreamBlock(nnx.Module):
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        img = img + i_gate1 * self.img_attn.proj(img_attn)
-        img = img + i_gate2 * _apply_mlp(self.img_mlp, (1 + i_scale2) * _layer_norm(img) + i_shift2)
-        txt = txt + t_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + t_gate2 * _apply_mlp(self.txt_mlp, (1 + t_scale2) * _layer_norm(txt) + t_shift2)
+        h = img.shape[-1]
+        img_out = _adapt(self.lora, ("attn.to_out.0",), (h,), img_attn, self.img_attn.proj(img_attn))
+        img = img + i_gate1 * img_out
+        img = img + i_gate2 * _apply_mlp(self.img_mlp, (1 + i_scale2) * _layer_norm(img) + i_shift2,
+                                         self.lora, ("ff.net.0.proj", "ff.net.2"))
+        txt_out = _adapt(self.lora, ("attn.to_add_out",), (h,), txt_attn, self.txt_attn.proj(txt_attn))
+        txt = txt + t_gate1 * txt_out
+        txt = txt + t_gate2 * _apply_mlp(self.txt_mlp, (1 + t_scale2) * _layer_norm(txt) + t_shift2,
+                                         self.lora, ("ff_context.net.0.proj", "ff_context.net.2"))
         return img, txt
 
 
 class SingleStreamBlock(nnx.Module):
     """Parallel attention + MLP block on the concatenated [txt, img] sequence."""
 
-    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 lora: LoraSpec | None = None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         h = cfg.hidden_size
+        self.lora = _adapters(lora, "single", lora_shapes(cfg, "single"), **kw)
         self.hidden_size = h
+        self.mlp_hidden_dim = cfg.mlp_hidden_dim
         self.num_heads = cfg.num_heads
         self.linear1 = _linear(h, 3 * h + cfg.mlp_hidden_dim, **kw)
         self.linear2 = _linear(h + cfg.mlp_hidden_dim, h, **kw)
@@ -630,19 +811,25 @@ class SingleStreamBlock(nnx.Module):
                  attend: Callable[..., jax.Array]) -> jax.Array:
         shift, scale, gate = self.modulation(vec)
         x_mod = (1 + scale) * _layer_norm(x) + shift
-        h1 = constrain(self.linear1(x_mod), FUSED_OUT)
+        h, m = self.hidden_size, self.mlp_hidden_dim
+        h1 = constrain(_adapt(self.lora, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (h, h, h, m),
+                              x_mod, self.linear1(x_mod)), FUSED_OUT)
         qkv, mlp = h1[..., :3 * self.hidden_size], h1[..., 3 * self.hidden_size:]
         q, k, v = _split_heads(qkv, self.num_heads, self.norm)
         attn = attend(q, k, v, pe)
-        out = self.linear2(jnp.concatenate([attn, nnx.gelu(mlp, approximate=True)], axis=-1))
+        hidden = jnp.concatenate([attn, nnx.gelu(mlp, approximate=True)], axis=-1)
+        out = _adapt(self.lora, ("proj_out",), (h,), hidden, self.linear2(hidden))
         return x + gate * out
 
 
 class LastLayer(nnx.Module):
     """adaLN (shift, scale from silu(vec)) + linear projection to out_channels."""
 
-    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype,
+                 lora: LoraSpec | None = None):
         h = cfg.hidden_size
+        self.lora = _adapters(lora, "final", lora_shapes(cfg, "final"), rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype)
         # BFL: nn.Sequential(SiLU, Linear) -> params at .1
         self.adaLN_modulation = nnx.List(
             [None, _linear(h, 2 * h, rngs=rngs, dtype=dtype, param_dtype=param_dtype)])
@@ -652,7 +839,7 @@ class LastLayer(nnx.Module):
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation[1](nnx.silu(vec)), 2, axis=-1)
         x = (1 + scale[:, None, :]) * _layer_norm(x) + shift[:, None, :]
-        return self.linear(x)
+        return _adapt(self.lora, ("proj_out",), (self.linear.out_features,), x, self.linear(x))
 
 
 class FluxTransformer(nnx.Module):
@@ -668,12 +855,14 @@ class FluxTransformer(nnx.Module):
         :data:`REMAT_POLICIES`).
       attention: the attention implementation (one of :data:`ATTENTION_IMPLS`).
       attention_chunk: queries per chunk of ``attention="chunked"``.
+      lora: LoRA adapters on the linears it names (``nnx.LoRAParam``; the
+        rest is the base), or None.
     """
 
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False,
                  remat_policy: str = "nothing_saveable", attention: str = "einsum",
-                 attention_chunk: int = 512):
+                 attention_chunk: int = 512, lora: LoraSpec | None = None):
         check_remat_policy(remat_policy)
         check_attention(attention, attention_chunk)
         self.cfg = cfg
@@ -693,16 +882,16 @@ class FluxTransformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_double(r: nnx.Rngs) -> DoubleStreamBlock:
-            return DoubleStreamBlock(cfg, rngs=r, **kw)
+            return DoubleStreamBlock(cfg, rngs=r, lora=lora, **kw)
 
         @nnx.split_rngs(splits=cfg.depth_single)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_single(r: nnx.Rngs) -> SingleStreamBlock:
-            return SingleStreamBlock(cfg, rngs=r, **kw)
+            return SingleStreamBlock(cfg, rngs=r, lora=lora, **kw)
 
         self.double_blocks = make_double(rngs)
         self.single_blocks = make_single(rngs)
-        self.final_layer = LastLayer(cfg, rngs=rngs, **kw)
+        self.final_layer = LastLayer(cfg, rngs=rngs, lora=lora, **kw)
 
     def __call__(
         self,
@@ -903,22 +1092,22 @@ def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
 
 
 def _factory(cfg: FluxConfig, dtype, compute_dtype, remat: bool, remat_policy: str,
-             attention: str, attention_chunk: int):
+             attention: str, attention_chunk: int, lora: LoraSpec | None = None):
     param_dtype = jnp.float32 if dtype is None else dtype
     return lambda: FluxTransformer(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
                                    param_dtype=param_dtype, remat=remat,
                                    remat_policy=remat_policy, attention=attention,
-                                   attention_chunk=attention_chunk)
+                                   attention_chunk=attention_chunk, lora=lora)
 
 
 def abstract_transformer(
     cfg: FluxConfig, *, dtype: jnp.dtype | None = None, compute_dtype: jnp.dtype = jnp.float32,
     remat: bool = False, remat_policy: str = "nothing_saveable", attention: str = "einsum",
-    attention_chunk: int = 512,
+    attention_chunk: int = 512, lora: LoraSpec | None = None,
 ) -> FluxTransformer:
     """The model with ``ShapeDtypeStruct`` parameters: its graph and shapes, no memory."""
     return nnx.eval_shape(_factory(cfg, dtype, compute_dtype, remat, remat_policy, attention,
-                                   attention_chunk))
+                                   attention_chunk, lora))
 
 
 def diffusers_config(path: str | Path) -> tuple[FluxConfig, Path]:
