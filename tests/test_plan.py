@@ -47,7 +47,7 @@ def test_plan_reports_memory_flops_and_collectives_on_simulated_devices(tiny_flu
 
 def test_plan_that_does_not_fit_exits_1_naming_the_fixes(monkeypatch, tmp_path):
     report = {
-        "fits": False, "usable_fraction": 0.9, "device_memory_gib": 80.0, "devices": 2, "mesh": {"fsdp": 2},
+        "fits": False, "lora": False, "usable_fraction": 0.9, "device_memory_gib": 80.0, "devices": 2, "mesh": {"fsdp": 2},
         "model": "flux1-dev", "images_per_step": 16, "resolution": [720, 720], "tokens": {"image": 2025, "text": 512},
         "per_device_gib": {"params (fp32 master)": 22.0, "optimizer state": 44.0, "peak while training": 131.8,
                            "peak while sampling": 106.8, "peak": 131.8},
