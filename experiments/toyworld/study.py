@@ -105,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4,
                    help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
     p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
                    help="reward of the upper-bound arm: pointwise score or its hard win rates")
     p.add_argument("--eval_per_dim", type=int, default=16, help="held-out prompts per dimension")
@@ -167,6 +169,10 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
         c.optim.learning_rate = float(args.lr)
     if args.clip_range is not None:
         t.clip_range = float(args.clip_range)
+    if args.updates_per_rollout is not None:
+        t.updates_per_rollout = int(args.updates_per_rollout)
+    if args.rationorm is not None:
+        t.rationorm = bool(args.rationorm)
     c.reward.spec = arm_spec(arm, args.oracle)
     c.reward.monitor = "verifier"
     proxies = Path(args.proxies)
