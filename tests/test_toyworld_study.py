@@ -64,6 +64,7 @@ def _save_random_proxies(directory):
                           tokenizer=tok, extra={"data_label_noise": 0.2, "data_ties": "drop"})
 
 
+@pytest.mark.slow  # five 1-step GRPO runs (one per arm kind) with their compiles: ~2 CPU-minutes
 def test_study_smoke(tiny_flux_dir, tmp_path):
     from experiments.toyworld import study
 

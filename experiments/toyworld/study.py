@@ -1,16 +1,28 @@
 """The toy-world study: does a pairwise win rate resist reward hacking better than a score?
 
-    python experiments/toyworld/train_proxies.py     # once: the two proxy reward models
-    python experiments/toyworld/study.py             # ~30 min on 2 CPU cores at the default size
+    python experiments/toyworld/train_proxies.py     # once: the two learned proxy reward models
+    nice -n 19 python experiments/toyworld/study.py  # the full study (5 seeds x 9 arms)
 
 From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
 budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
-``prefgrpo_jax.train.Trainer`` runs GRPO with three rewards, ``--seeds`` each:
+``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each:
 
-* ``pointwise``: the pointwise proxy's score, group-normalised (score-maximising
-  GRPO, the paper's "illusory advantage" setting);
-* ``pairwise``: Pref-GRPO, the pairwise proxy's within-group win rate;
-* ``verifier``: the toy verifier itself (``--oracle``; upper bound).
+* ``verifier``: the toy verifier itself (``--oracle``; the upper bound, and the
+  testbed's power: a method difference smaller than its gain cannot be seen);
+* ``pointwise`` / ``pairwise``: the learned proxies' score / within-group win rate;
+* ``noisy_pointwise@s`` / ``noisy_pairwise@s`` for each noise level ``s`` of
+  ``--noise``: one noisy judgement of the verifier
+  (``prefgrpo_jax/toyworld/noisy_judge.py``) as a compressed score or as win
+  rates, with matched pair accuracy: the paper's precondition, controlled.
+
+Per step the study logs, for every reward source against the verifier on the
+same rollout (``prefgrpo_jax/toyworld/mechanism.py``): ``mech/corr/<source>``
+(correlation of the normalised advantages), ``mech/noise_share/<source>`` (share
+of advantage variance among images the verifier scores equally) and
+``mech/amplification/<source>`` (advantage spread over raw score spread: the
+paper's illusory-advantage statistic). The decision rule (:data:`DECISION_RULE`,
+>= 5 seeds, t intervals) is fixed here, before any run, and the conclusion in
+``<tag>.md`` is generated from the data by :func:`decide`.
 
 Both proxies (``experiments/toyworld/train_proxies.py``) are trained on the
 same noisy verifier-labelled pairs of base-model images; they are imperfect on
