@@ -117,6 +117,10 @@ def test_study_smoke(tiny_flux_dir, tmp_path):
         assert text in md, text
     for f in data["files"]:
         assert (results / f.split("/")[-1]).is_file(), f
+    # --render_only rewrites the report from the json alone, to the same decision
+    (results / "smoke.md").unlink()
+    again = study.main([f"--results={results}", "--tag=smoke", "--render_only=1", "--plots=0"])
+    assert again["decision"] == json.loads(json.dumps(dec)) and "Conclusion" in (results / "smoke.md").read_text()
 
 
 def _summary(gains: dict[str, list[float]]) -> dict:
