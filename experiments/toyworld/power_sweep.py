@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default=str(study.RESULTS))
     p.add_argument("--tag", default="toyworld_power")
     p.add_argument("--workdir", default="/tmp/toyworld_power")
+    p.add_argument("--append", type=int, default=0,
+                   help="1: add these runs to an existing <tag>.json (a sweep continued in parts)")
     return p.parse_args(argv)
 
 
@@ -82,10 +84,14 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; known: {sorted(SETTINGS)}")
-    result = {"command": " ".join(["python", "experiments/toyworld/power_sweep.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-              "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "settings": {}}
+    command = " ".join(["python", "experiments/toyworld/power_sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    previous = results / f"{args.tag}.json"
+    if args.append and previous.exists():
+        result = json.loads(previous.read_text())
+        result["command"] += f"` then `{command}"
+    else:
+        result = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                  "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "settings": {}}
     todo = [(n, s) for n in names for s in args.seeds.split(",") if s]
     for k, (name, seed) in enumerate(todo):
         flags = SETTINGS[name]
