@@ -34,6 +34,7 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", int(config.plan.devices))
     else:
         sharding.initialize_distributed(config.distributed)
+    import prefgrpo_jax.toyworld.noisy_judge  # noqa: F401  (registers the controlled noisy judges)
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the toy verifier rewards)
     from prefgrpo_jax import evaluate, plan, sample, train
 

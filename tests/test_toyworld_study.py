@@ -1,4 +1,4 @@
-"""Smoke test of the toy-world study's code path (proxies + three GRPO arms) at the tiniest size.
+"""Smoke test of the toy-world study's code path (every arm kind, one noise level) at the tiniest size.
 
 Runs on the random fixture pipeline: the numbers mean nothing, the structure of
 the results file does.
@@ -64,6 +64,7 @@ def _save_random_proxies(directory):
                           tokenizer=tok, extra={"data_label_noise": 0.2, "data_ties": "drop"})
 
 
+@pytest.mark.slow  # five 1-step GRPO runs (one per arm kind) with their compiles: ~2 CPU-minutes
 def test_study_smoke(tiny_flux_dir, tmp_path):
     from experiments.toyworld import study
 
@@ -78,13 +79,15 @@ def test_study_smoke(tiny_flux_dir, tmp_path):
         f"--results={results}", f"--workdir={tmp_path / 'work'}", "--tag=smoke", "--seeds=0",
         "--steps=1", "--prompts_per_step=2", "--group_size=4", "--sample_steps=2",
         "--timestep_fraction=1.0", "--timestep_chunk=1", "--eval_per_dim=1", "--eval_steps=2",
-        "--official_eval=0", "--plots=1",
+        "--official_eval=0", "--plots=1", "--noise=0.2",
     ])
+    arms = study.expand_arms(list(study.ARMS), [0.2])
     data = json.loads((results / "smoke.json").read_text())
-    assert data["meta"]["arms"] == list(study.ARMS)
-    assert data["meta"]["partial"] is None and data["meta"]["runs_completed"] == 3
+    assert data["meta"]["arms"] == arms == ["verifier", "pointwise", "pairwise", "noisy_pointwise@0.2",
+                                            "noisy_pairwise@0.2"]
+    assert data["meta"]["partial"] is None and data["meta"]["runs_completed"] == 5
     assert set(data["base_eval"]["table"]) >= {"colour", "shape", "count", "position", "binding", "overall"}
-    for arm in study.ARMS:
+    for arm in arms:
         run = data["runs"][arm]["0"]
         assert [r["step"] for r in run["curve"]] == [1]
         row = run["curve"][0]
@@ -94,13 +97,61 @@ def test_study_smoke(tiny_flux_dir, tmp_path):
                     "diversity/pixel_rms", "fidelity/pointwise_model", "fidelity/pairwise_model"):
             assert key in row, (arm, key)
         assert row["reward/pairwise_model/win_rate_mean"] == pytest.approx(0.5)
+        src = study.training_source(arm, "verifier")
+        assert f"mech/amplification/{src}" in row
+        if arm != "verifier":
+            assert {f"mech/corr/{src}", f"mech/noise_share/{src}"} <= set(row), arm
         assert set(run["evals"]) == {"1"}
         ev = run["evals"]["1"]
         assert {"table", "pointwise_proxy_mean", "pairwise_proxy_pref_over_base",
                 "verifier_winrate_over_base"} <= set(ev)
         assert data["summary"][arm]["heldout_overall_final"]["values"] == [ev["table"]["overall"]]
         assert data["configs"][arm]["reward"]["spec"] == study.arm_spec(arm, "verifier")
+    assert data["runs"]["noisy_pairwise@0.2"]["0"]["evals"]["1"]["judge_error_delta"] is not None
+    dec = data["decision"]
+    assert dec["seeds_per_arm"] == 1 and dec["conclusion"].startswith("not applied")  # 1 seed < 5
+    assert set(dec["levels"]) == {"0.2"} and "learned_difference" in dec
     md = (results / "smoke.md").read_text()
-    assert "What the numbers show" in md and "Reproduce" in md
+    for text in ("What the numbers show", "Reproduce", "REDUCED RUN", "Decision rule", "Noise sweep",
+                 "The mechanism", "Conclusion"):
+        assert text in md, text
     for f in data["files"]:
         assert (results / f.split("/")[-1]).is_file(), f
+    # --render_only rewrites the report from the json alone, to the same decision
+    (results / "smoke.md").unlink()
+    again = study.main([f"--results={results}", "--tag=smoke", "--render_only=1", "--plots=0"])
+    assert again["decision"]["conclusion"] == dec["conclusion"]
+    assert again["decision"]["levels"]["0.2"]["pairwise"][0] == pytest.approx(dec["levels"]["0.2"]["pairwise"][0])
+    assert "Conclusion" in (results / "smoke.md").read_text()
+
+
+def _summary(gains: dict[str, list[float]]) -> dict:
+    """A ``summarise``-shaped dict holding only the held-out gains (fractions, not points)."""
+    return {arm: {"heldout_overall_delta": {"values": [g / 100 for g in v]}} for arm, v in gains.items()}
+
+
+def test_decision_rule():
+    from experiments.toyworld.study import comparison_verdict, decide, t_interval, welch_interval
+
+    m, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 * 1 / np.sqrt(3), rel=1e-3)  # t_{0.975, 2} = 4.303
+    d, lo, hi = welch_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert d == 0.0 and lo < 0 < hi
+    up, flat = (1.0, 0.5, 1.5), (0.1, -0.4, 0.6)
+    assert comparison_verdict([up, up, flat]) == "pairwise resists hacking better"
+    assert comparison_verdict([up, flat, flat]) == "no difference detected"  # not a majority
+    assert comparison_verdict([up, up, (-1.0, -1.5, -0.5)]) == "no difference detected"  # contradicted
+    assert comparison_verdict([(-1.0, -1.5, -0.5)] * 2 + [flat]) == "pointwise better"
+
+    seeds5 = [20.0, 18.0, 22.0, 19.0, 21.0]
+    strong = {"verifier": seeds5, **{f"noisy_pairwise@{s}": [10.0, 11.0, 9.0, 10.5, 9.5] for s in (0.1, 0.4)},
+              **{f"noisy_pointwise@{s}": [1.0, 0.0, 2.0, 1.5, 0.5] for s in (0.1, 0.4)}}
+    dec = decide(_summary(strong), [0.1, 0.4])
+    assert dec["conclusion"] == "pairwise resists hacking better" and dec["verifier_all_seeds_up"]
+    assert dec["levels"]["0.1"]["difference"][0] == pytest.approx(9.0)
+    same = dict(strong, **{f"noisy_pointwise@{s}": strong["noisy_pairwise@0.1"] for s in (0.1, 0.4)})
+    assert decide(_summary(same), [0.1, 0.4])["conclusion"].startswith("no difference detected")
+    weak = dict(strong, verifier=[2.0, -1.0, 1.0, -2.0, 0.5])
+    assert decide(_summary(weak), [0.1, 0.4])["conclusion"].startswith("inconclusive: no power")
+    few = {k: v[:3] for k, v in strong.items()}
+    assert decide(_summary(few), [0.1, 0.4])["conclusion"].startswith("not applied: 3 seed(s)")

@@ -1,16 +1,28 @@
 """The toy-world study: does a pairwise win rate resist reward hacking better than a score?
 
-    python experiments/toyworld/train_proxies.py     # once: the two proxy reward models
-    python experiments/toyworld/study.py             # ~30 min on 2 CPU cores at the default size
+    python experiments/toyworld/train_proxies.py     # once: the two learned proxy reward models
+    nice -n 19 python experiments/toyworld/study.py  # the full study (5 seeds x 9 arms)
 
 From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
 budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
-``prefgrpo_jax.train.Trainer`` runs GRPO with three rewards, ``--seeds`` each:
+``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each:
 
-* ``pointwise``: the pointwise proxy's score, group-normalised (score-maximising
-  GRPO, the paper's "illusory advantage" setting);
-* ``pairwise``: Pref-GRPO, the pairwise proxy's within-group win rate;
-* ``verifier``: the toy verifier itself (``--oracle``; upper bound).
+* ``verifier``: the toy verifier itself (``--oracle``; the upper bound, and the
+  testbed's power: a method difference smaller than its gain cannot be seen);
+* ``pointwise`` / ``pairwise``: the learned proxies' score / within-group win rate;
+* ``noisy_pointwise@s`` / ``noisy_pairwise@s`` for each noise level ``s`` of
+  ``--noise``: one noisy judgement of the verifier
+  (``prefgrpo_jax/toyworld/noisy_judge.py``) as a compressed score or as win
+  rates, with matched pair accuracy: the paper's precondition, controlled.
+
+Per step the study logs, for every reward source against the verifier on the
+same rollout (``prefgrpo_jax/toyworld/mechanism.py``): ``mech/corr/<source>``
+(correlation of the normalised advantages), ``mech/noise_share/<source>`` (share
+of advantage variance among images the verifier scores equally) and
+``mech/amplification/<source>`` (advantage spread over raw score spread: the
+paper's illusory-advantage statistic). The decision rule (:data:`DECISION_RULE`,
+>= 5 seeds, t intervals) is fixed here, before any run, and the conclusion in
+``<tag>.md`` is generated from the data by :func:`decide`.
 
 Both proxies (``experiments/toyworld/train_proxies.py``) are trained on the
 same noisy verifier-labelled pairs of base-model images; they are imperfect on
@@ -68,13 +80,50 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ASSETS = REPO / "prefgrpo_jax" / "toyworld" / "assets"
 RESULTS = REPO / "experiments" / "results"
-ARMS = ("pointwise", "pairwise", "verifier")
+# Arm kinds; the two noisy-judge kinds run once per noise level, as "<kind>@<sigma>".
+ARMS = ("verifier", "pointwise", "pairwise", "noisy_pointwise", "noisy_pairwise")
+NOISY = ("noisy_pointwise", "noisy_pairwise")
 ARM_LABELS = {
-    "pointwise": "GRPO, pointwise proxy score",
-    "pairwise": "Pref-GRPO, pairwise proxy win rate",
+    "pointwise": "GRPO, learned pointwise proxy score",
+    "pairwise": "Pref-GRPO, learned pairwise proxy win rate",
     "verifier": "GRPO, verifier (upper bound)",
+    "noisy_pointwise": "GRPO, noisy judge as a compressed score",
+    "noisy_pairwise": "Pref-GRPO, noisy judge as win rates",
 }
-ARM_COLOURS = {"pointwise": "tab:red", "pairwise": "tab:blue", "verifier": "tab:green"}
+ARM_COLOURS = {"pointwise": "tab:red", "pairwise": "tab:blue", "verifier": "tab:green",
+               "noisy_pointwise": "tab:orange", "noisy_pairwise": "tab:purple"}
+
+
+def parse_arm(arm: str) -> tuple[str, float | None]:
+    """``"noisy_pairwise@0.2"`` -> ``("noisy_pairwise", 0.2)``; ``"verifier"`` -> ``("verifier", None)``."""
+    kind, _, sigma = arm.partition("@")
+    if kind not in ARMS or (kind in NOISY) != bool(sigma):
+        raise ValueError(f"unknown arm {arm!r}: one of {ARMS[:3]} or <{'|'.join(NOISY)}>@<noise level>")
+    return kind, (float(sigma) if sigma else None)
+
+
+def expand_arms(kinds: list[str], noise: list[float]) -> list[str]:
+    """Arm kinds (``--arms``) x noise levels (``--noise``) -> arm keys, noisy kinds once per level."""
+    out = []
+    for kind in kinds:
+        if kind not in ARMS:
+            raise ValueError(f"--arms: unknown arm {kind!r}; known: {ARMS}")
+        out += [f"{kind}@{s:g}" for s in noise] if kind in NOISY else [kind]
+    return out
+
+
+def arm_colour(arm: str) -> str:
+    return ARM_COLOURS[parse_arm(arm)[0]]
+
+
+def file_stem(arm: str) -> str:
+    """An arm key as a file-name part (``noisy_pairwise@0.2`` -> ``noisy_pairwise_s0.2``)."""
+    return arm.replace("@", "_s")
+
+
+def arm_label(arm: str) -> str:
+    kind, sigma = parse_arm(arm)
+    return ARM_LABELS[kind] + (f", noise {sigma:g}" if sigma is not None else "")
 
 
 def load_tiny_config():
@@ -95,7 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default="toyworld_study", help="file-name stem of the outputs")
     p.add_argument("--workdir", default="/tmp/toyworld_study", help="scratch: run workdirs, checkpoints")
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--seeds", default="0,1,2,3")
+    p.add_argument("--noise", default="0.1,0.2,0.4",
+                   help="noise levels (sigma, verifier-score units) of the noisy-judge arms; the base "
+                        "model's within-group verifier std is ~0.2")
+    p.add_argument("--seeds", default="0,1,2,3,4", help=">= 5 for the decision rule to apply")
     p.add_argument("--steps", type=int, default=128, help="GRPO updates per run")
     p.add_argument("--prompts_per_step", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8)
@@ -105,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4,
                    help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
     p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
                    help="reward of the upper-bound arm: pointwise score or its hard win rates")
     p.add_argument("--eval_per_dim", type=int, default=16, help="held-out prompts per dimension")
@@ -115,6 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="1: also run prefgrpo_jax.evaluate.evaluate on each final checkpoint")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window of the plotted curves")
     p.add_argument("--plots", type=int, default=1)
+    p.add_argument("--render_only", type=int, default=0,
+                   help="1: rewrite <tag>.md and the json-based plots from an existing <tag>.json, no runs")
     p.add_argument("--keep_workdirs", type=int, default=0, help="1: keep run workdirs (checkpoints)")
     return p.parse_args(argv)
 
@@ -125,24 +181,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def arm_spec(arm: str, oracle: str) -> dict[str, float]:
-    """Reward spec of an arm: its training source at weight 1, the others at 0 (measured)."""
+    """Reward spec of an arm: its training source at weight 1, the others at 0 (measured).
+
+    A noisy-judge arm also measures the other form of its judgement (same noise level)."""
+    kind, _ = parse_arm(arm)
     spec = {"pointwise_model": 0.0, "pairwise_model": 0.0, "verifier": 0.0}
-    if arm == "pointwise":
-        spec["pointwise_model"] = 1.0
-    elif arm == "pairwise":
-        spec["pairwise_model"] = 1.0
-    elif arm == "verifier":
-        if oracle == "verifier":
-            spec["verifier"] = 1.0
-        else:
-            spec["verifier_pairwise"] = 1.0
-    else:
-        raise ValueError(f"unknown arm {arm!r}; known: {ARMS}")
+    if kind in NOISY:
+        spec.update({k: 0.0 for k in NOISY})
+    spec[training_source(arm, oracle)] = 1.0
     return spec
 
 
 def training_source(arm: str, oracle: str) -> str:
-    return {"pointwise": "pointwise_model", "pairwise": "pairwise_model", "verifier": oracle}[arm]
+    kind, _ = parse_arm(arm)
+    return {"pointwise": "pointwise_model", "pairwise": "pairwise_model", "verifier": oracle}.get(kind, kind)
 
 
 def arm_config(args: argparse.Namespace, arm: str, seed: int):
@@ -167,13 +219,19 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
         c.optim.learning_rate = float(args.lr)
     if args.clip_range is not None:
         t.clip_range = float(args.clip_range)
+    if args.updates_per_rollout is not None:
+        t.updates_per_rollout = int(args.updates_per_rollout)
+    if args.rationorm is not None:
+        t.rationorm = bool(args.rationorm)
     c.reward.spec = arm_spec(arm, args.oracle)
     c.reward.monitor = "verifier"
     proxies = Path(args.proxies)
-    c.reward.options = ml_collections.ConfigDict({
-        "pairwise_model": {"path": str(proxies / "reward_pairwise")},
-        "pointwise_model": {"path": str(proxies / "reward_pointwise")},
-    })
+    options = {"pairwise_model": {"path": str(proxies / "reward_pairwise")},
+               "pointwise_model": {"path": str(proxies / "reward_pointwise")}}
+    _, sigma = parse_arm(arm)
+    if sigma is not None:  # both forms: the same judgement (same seed), the run's seed
+        options.update({k: {"sigma": sigma, "seed": int(seed)} for k in NOISY})
+    c.reward.options = ml_collections.ConfigDict(options)
     c.eval.prompts_per_dimension = int(args.eval_per_dim)
     c.eval.num_steps = int(args.eval_steps)
     c.eval.batch_size = 5 * int(args.eval_per_dim)  # one batch: all held-out prompts
@@ -196,27 +254,38 @@ def group_diversity(images: np.ndarray) -> float:
 
 
 def pair_fidelity(output: np.ndarray, truth: np.ndarray) -> tuple[float, int]:
-    """How often a source orders a group's pairs as the verifier does.
+    """How often a source (scores ``[N, G]`` or ``P [N, G, G]``) orders a group's pairs as the
+    verifier (``truth [N, G]``) does: :func:`prefgrpo_jax.toyworld.noisy_judge.pair_accuracy`."""
+    from prefgrpo_jax.toyworld.noisy_judge import pair_accuracy
 
-    ``output``: scores ``[N, G]`` or ``P [N, G, G]``; ``truth``: verifier scores
-    ``[N, G]``. Over pairs ``i < j`` the verifier orders strictly: agreement 1,
-    a source tie 1/2, else 0. Returns ``(fidelity, pairs counted)``.
+    return pair_accuracy(output, truth)
+
+
+def source_advantages(output: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    """A source's output (scores ``[N, G]`` or ``P [N, G, G]``) -> (reward, group-normalised advantage), ``[N, G]`` each."""
+    from prefgrpo_jax.rewards.advantages import normalized_advantages, win_rates
+
+    r = np.asarray(win_rates(np.float32(output)) if np.ndim(output) == 3 else output, np.float32)
+    return r, np.asarray(normalized_advantages(r, "group", ddof=ddof), np.float64)
+
+
+def mechanism_metrics(captured: dict[str, np.ndarray], ddof: int) -> dict[str, float]:
+    """Per source of one rollout: its advantages against the verifier's (``mech/<metric>/<source>``).
+
+    ``captured``: source -> output on the same images, ``verifier`` among them.
     """
-    output, truth = np.asarray(output, np.float64), np.asarray(truth, np.float64)
-    if output.ndim == 2:
-        pred = np.sign(output[:, :, None] - output[:, None, :])
-    else:
-        pred = np.sign(output - 0.5)
-    want = np.sign(truth[:, :, None] - truth[:, None, :])
-    g = truth.shape[1]
-    iu = np.triu_indices(g, 1)
-    pred, want = pred[:, iu[0], iu[1]], want[:, iu[0], iu[1]]
-    keep = want != 0
-    n = int(keep.sum())
-    if n == 0:
-        return float("nan"), 0
-    score = np.where(pred == want, 1.0, np.where(pred == 0, 0.5, 0.0))
-    return float(score[keep].mean()), n
+    from prefgrpo_jax.toyworld.mechanism import advantage_correlation, amplification, noise_share
+
+    truth = np.asarray(captured["verifier"], np.float64)
+    _, truth_adv = source_advantages(truth, ddof)
+    m = {}
+    for name, out in captured.items():
+        r, adv = source_advantages(out, ddof)
+        m[f"mech/amplification/{name}"] = amplification(adv, r)
+        if name != "verifier":
+            m[f"mech/corr/{name}"] = advantage_correlation(adv, truth_adv)
+            m[f"mech/noise_share/{name}"] = noise_share(adv, truth)
+    return m
 
 
 def _dimension(prompt: str) -> str:
@@ -306,8 +375,13 @@ def heldout_eval(pipe, config, proxies: Proxies, base_images: np.ndarray | None 
 
 
 def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndarray,
-                       train_prompts: list[str] | None = None):
-    """A ``Trainer`` subclass that adds the study's per-step measurements and held-out evals."""
+                       train_prompts: list[str] | None = None, judge_error=None, sigma: float = 0.0):
+    """A ``Trainer`` subclass that adds the study's per-step measurements and held-out evals.
+
+    ``judge_error``: a noisy-judge arm's fixed error ``z`` (``noisy_judge.JudgementError``)
+    and ``sigma`` its level: held-out evals then report how many verifier points of the
+    judge's view of the change are its own error (``judge_error_delta``).
+    """
     from prefgrpo_jax.rewards.registry import RewardSource
     from prefgrpo_jax.train import Trainer
 
@@ -331,6 +405,9 @@ def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndar
         def evaluate_now(self, step: int) -> None:
             self.pipe.with_transformer_params(self.state["params"])
             res, images = heldout_eval(self.pipe, self.config, proxies, base_images, train_prompts)
+            if judge_error is not None:
+                res["judge_error_delta"] = float(sigma * (judge_error(images).mean()
+                                                          - judge_error(base_images).mean()))
             self.evals[step] = res
             self.eval_images[step] = images
 
@@ -344,6 +421,7 @@ def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndar
                 fid, n = pair_fidelity(out, truth)
                 if name != "verifier":
                     m[f"fidelity/{name}"] = fid
+            m.update(mechanism_metrics(self.captured, int(self.config.train.adv_ddof)))
             m["fidelity/strict_pairs_frac"] = n / (len(prompts) * images.shape[1] * (images.shape[1] - 1) / 2)
             dims: dict[str, list[float]] = {}
             for p, row in zip(prompts, truth):
@@ -368,8 +446,12 @@ def make_study_trainer(eval_at: set[int], proxies: Proxies, base_images: np.ndar
 # --------------------------------------------------------------------------- #
 
 
+def _values(curve: list[dict], key: str) -> list[float]:
+    return [r[key] for r in curve if key in r and r[key] is not None and np.isfinite(r[key])]
+
+
 def _window(curve: list[dict], key: str, first: bool, n: int) -> float:
-    vals = [r[key] for r in curve if key in r and r[key] is not None and np.isfinite(r[key])]
+    vals = _values(curve, key)
     if not vals:
         return float("nan")
     n = max(1, min(n, len(vals) // 2 or 1))
@@ -401,6 +483,12 @@ def summarise(runs: dict, base_eval: dict, args, oracle: str) -> dict:
             for fsrc in ("pointwise_model", "pairwise_model"):
                 add(f"fidelity_{fsrc}_first", _window(c, f"fidelity/{fsrc}", True, n))
                 add(f"fidelity_{fsrc}_last", _window(c, f"fidelity/{fsrc}", False, n))
+            # The mechanism, for the arm's own training reward: first / last window and whole run.
+            for metric in ("corr", "noise_share", "amplification"):
+                key = f"mech/{metric}/{src}"
+                add(f"mech_{metric}_first", _window(c, key, True, n))
+                add(f"mech_{metric}_last", _window(c, key, False, n))
+                add(f"mech_{metric}_mean", float(np.mean(_values(c, key) or [np.nan])))
             final = run["evals"][str(max(int(k) for k in run["evals"]))]
             if "train_prompts_table" in final:
                 for d, v in final["train_prompts_table"].items():
@@ -412,12 +500,120 @@ def summarise(runs: dict, base_eval: dict, args, oracle: str) -> dict:
             add("heldout_pointwise_proxy_delta", final["pointwise_proxy_mean"] - base_eval["pointwise_proxy_mean"])
             add("heldout_pairwise_proxy_pref_over_base", final["pairwise_proxy_pref_over_base"])
             add("heldout_verifier_winrate_over_base", final["verifier_winrate_over_base"])
+            if "judge_error_delta" in final:
+                add("heldout_judge_error_delta", final["judge_error_delta"])
             for d, v in final["table"].items():
                 if d != "overall":
                     add(f"heldout_{d}_final", v)
         out[arm] = {k: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "values": v}
                     for k, v in per_seed.items()}
         out[arm]["window_steps"] = n
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# The decision rule (fixed before the runs; written into the results from the first partial write)
+# --------------------------------------------------------------------------- #
+
+MIN_SEEDS = 5
+CI_LEVEL = 0.95
+DECISION_RULE = (
+    "Outcome per run: the final checkpoint's held-out verifier overall minus the base model's, in points "
+    "(x100); one value per seed. Intervals: two-sided 95% Student t intervals over seeds (an arm's mean "
+    "gain) and Welch t intervals (a difference of two arms' means). "
+    "(1) Power: the comparison is only read if the verifier arm (GRPO on the ground truth) gains with its "
+    "interval above 0; otherwise the testbed cannot separate the arms and the conclusion is "
+    "'inconclusive: no power'. "
+    "(2) Controlled comparison, per noise level s: d(s) = mean gain of noisy_pairwise@s - mean gain of "
+    "noisy_pointwise@s (the same judgement of the verifier, matched accuracy, differing only in form). "
+    "'Pairwise resists hacking better' if d's interval lies above 0 at a majority of the noise levels and "
+    "below 0 at none; 'pointwise better' if below 0 at a majority and above at none; otherwise 'no "
+    "difference detected' (with the largest interval bound, the size of a difference the study could miss). "
+    "(3) The learned proxies (pairwise - pointwise) are compared the same way, as a secondary result. "
+    f"(4) With fewer than {MIN_SEEDS} seeds per arm the rule is not applied: the result is labelled a "
+    "reduced run and no conclusion is drawn."
+)
+
+
+def t_interval(values: list[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(mean, low, high) of a Student t interval over ``values``; NaN bounds for fewer than 2."""
+    from scipy import stats
+
+    x = np.asarray(values, np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("nan"), float("nan")
+    h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - h, m + h
+
+
+def welch_interval(a: list[float], b: list[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): Welch's t interval; NaN bounds for fewer than 2 values a side."""
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = np.sqrt(va + vb)
+    if se == 0:
+        return d, d, d
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    h = float(stats.t.ppf(0.5 + level / 2, dof) * se)
+    return d, d - h, d + h
+
+
+def _sign(interval: tuple[float, float, float]) -> int:
+    """+1 / -1 when the interval lies above / below 0, else 0."""
+    _, lo, hi = interval
+    return 1 if lo > 0 else -1 if hi < 0 else 0
+
+
+def comparison_verdict(intervals: list[tuple[float, float, float]]) -> str:
+    """Rule (2) over the per-level intervals of d = pairwise - pointwise."""
+    signs = [_sign(i) for i in intervals]
+    majority = len(signs) // 2 + 1
+    if signs.count(1) >= majority and -1 not in signs:
+        return "pairwise resists hacking better"
+    if signs.count(-1) >= majority and 1 not in signs:
+        return "pointwise better"
+    return "no difference detected"
+
+
+def decide(summary: dict, noise: list[float]) -> dict:
+    """The decision rule applied to ``summarise``'s output (gains in points)."""
+    def gains(arm):
+        return [100 * v for v in summary[arm]["heldout_overall_delta"]["values"]] if arm in summary else None
+
+    out: dict[str, Any] = {"rule": DECISION_RULE, "levels": {}}
+    n_seeds = min(len(v["heldout_overall_delta"]["values"]) for v in summary.values())
+    out["seeds_per_arm"] = n_seeds
+    ver = gains("verifier")
+    if ver is not None:
+        out["verifier_gain"] = t_interval(ver)
+        out["verifier_all_seeds_up"] = bool(all(g > 0 for g in ver))
+    for sigma in noise:
+        pw, pt = gains(f"noisy_pairwise@{sigma:g}"), gains(f"noisy_pointwise@{sigma:g}")
+        if pw is not None and pt is not None:
+            out["levels"][f"{sigma:g}"] = {"pairwise": t_interval(pw), "pointwise": t_interval(pt),
+                                           "difference": welch_interval(pw, pt)}
+    if gains("pairwise") is not None and gains("pointwise") is not None:
+        out["learned_difference"] = welch_interval(gains("pairwise"), gains("pointwise"))
+    if n_seeds < MIN_SEEDS:
+        out["conclusion"] = (f"not applied: {n_seeds} seed(s) per arm, the rule needs >= {MIN_SEEDS} "
+                             "(a reduced run; its numbers show the pipeline works, not the answer)")
+    elif ver is None or _sign(out["verifier_gain"]) != 1:
+        out["conclusion"] = "inconclusive: no power (the verifier arm's gain interval is not above 0)"
+    elif not out["levels"]:
+        out["conclusion"] = "not applied: no noisy-judge arms were run"
+    else:
+        verdict = comparison_verdict([v["difference"] for v in out["levels"].values()])
+        bound = max(max(abs(v["difference"][1]), abs(v["difference"][2])) for v in out["levels"].values())
+        out["conclusion"] = verdict + ("" if verdict != "no difference detected" else
+                                       f" (differences up to {bound:.1f} points cannot be excluded)")
+    if "learned_difference" in out and n_seeds >= MIN_SEEDS:
+        out["learned_verdict"] = comparison_verdict([out["learned_difference"]])
     return out
 
 
@@ -464,7 +660,7 @@ def findings(summary: dict) -> list[str]:
         verdict = {True: "**Flagged as reward hacking** by the rule.",
                    False: "Not flagged as reward hacking by the rule.", None: ""}[hacked]
         lines.append(
-            f"- **{ARM_LABELS[arm]}**: verifier score on the training rollouts "
+            f"- **{arm_label(arm)}**: verifier score on the training rollouts "
             f"{s['train_verifier_first']['mean']:.3f} -> {s['train_verifier_last']['mean']:.3f} "
             f"(delta {dv['mean']:+.3f} ± {dv['std']:.3f}); pointwise proxy score on them delta "
             f"{dp['mean']:+.3f} ± {dp['std']:.3f}. Held-out: verifier overall {100 * hv['mean']:+.2f} ± "
@@ -519,9 +715,9 @@ def plot_curves(runs: dict, args, oracle: str, path: Path) -> None:
             steps = np.array([r["step"] for r in next(iter(seeds.values()))["curve"]])
             y = np.stack([_smooth(c, args.smooth) for c in curves])
             mean = np.nanmean(y, 0)
-            ax.plot(steps, mean, color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
+            ax.plot(steps, mean, color=arm_colour(arm), label=arm_label(arm))
             if len(curves) > 1:
-                ax.fill_between(steps, np.nanmin(y, 0), np.nanmax(y, 0), color=ARM_COLOURS[arm], alpha=0.2)
+                ax.fill_between(steps, np.nanmin(y, 0), np.nanmax(y, 0), color=arm_colour(arm), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step")
         if scale:
@@ -530,6 +726,60 @@ def plot_curves(runs: dict, args, oracle: str, path: Path) -> None:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Toy-world study: {len(next(iter(runs.values())))} seeds per arm (line: mean, band: "
                  f"min-max over seeds; moving average over {args.smooth} steps)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_headline(result: dict, args, path: Path) -> None:
+    """What a reader looks at first: held-out gain vs noise level per arm; advantage/verifier
+    correlation of each arm's training reward over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decision, summary, noise = result["decision"], result["summary"], result["meta"]["noise"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5))
+    for kind in NOISY:
+        pts = [(float(sg), lv["pairwise" if kind == "noisy_pairwise" else "pointwise"])
+               for sg, lv in decision["levels"].items()]
+        if pts:
+            x = np.array([p[0] for p in pts])
+            m, lo, hi = (np.array([p[1][k] for p in pts]) for k in range(3))
+            ax.errorbar(x, m, yerr=[m - lo, hi - m], fmt="o-", capsize=4, color=ARM_COLOURS[kind],
+                        label=ARM_LABELS[kind])
+    for kind in ("verifier", "pointwise", "pairwise"):
+        if kind in summary:
+            m, lo, hi = t_interval([100 * v for v in summary[kind]["heldout_overall_delta"]["values"]])
+            ax.axhline(m, color=ARM_COLOURS[kind], ls="--", label=ARM_LABELS[kind])
+            if np.isfinite(lo):
+                ax.axhspan(lo, hi, color=ARM_COLOURS[kind], alpha=0.12)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("noise level sigma of the judge (verifier-score units)")
+    ax.set_ylabel("held-out verifier gain over base (points)")
+    ax.set_title("Verifier gain vs noise (95% t intervals over seeds; dashed: arms without a noise level)",
+                 fontsize=9)
+    if noise:
+        ax.set_xticks(noise)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    for arm, seeds in result["runs"].items():
+        key = f"mech/corr/{training_source(arm, args.oracle)}"
+        curves = [np.array([r.get(key, np.nan) for r in run["curve"]], float) for run in seeds.values()]
+        if arm == "verifier" or not curves:
+            continue
+        steps = np.array([r["step"] for r in next(iter(seeds.values()))["curve"]])
+        _, sigma = parse_arm(arm)
+        ls = "-" if sigma is None else ["-", "--", ":", "-."][sorted(noise).index(sigma) % 4]
+        bx.plot(steps, np.nanmean(np.stack([_smooth(c, args.smooth) for c in curves]), 0),
+                color=arm_colour(arm), ls=ls, label=arm)
+    bx.set_xlabel("GRPO step")
+    bx.set_ylabel("corr(training advantages, verifier advantages)")
+    bx.set_title(f"Advantage/verifier correlation over training (mean over seeds, moving average "
+                 f"{args.smooth})", fontsize=9)
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -561,9 +811,9 @@ def plot_heldout(runs: dict, base_eval: dict, path: Path) -> None:
                 steps = [0] + sorted(int(s) for s in run["evals"])
                 ys.append([get(base_eval, k)] + [get(run["evals"][str(s)], k) for s in steps[1:]])
             y = np.array(ys)
-            ax.plot(steps, y.mean(0), "o-", color=ARM_COLOURS[arm], label=ARM_LABELS[arm])
+            ax.plot(steps, y.mean(0), "o-", color=arm_colour(arm), label=arm_label(arm))
             if len(ys) > 1:
-                ax.fill_between(steps, y.min(0), y.max(0), color=ARM_COLOURS[arm], alpha=0.2)
+                ax.fill_between(steps, y.min(0), y.max(0), color=arm_colour(arm), alpha=0.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
@@ -603,12 +853,63 @@ def image_grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: 
 # --------------------------------------------------------------------------- #
 
 
+def _ci(interval, digits: int = 2) -> str:
+    m, lo, hi = interval
+    if not np.isfinite(lo):
+        return f"{m:+.{digits}f} [n/a: one seed]"
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def decision_section(decision: dict, summary: dict) -> list[str]:
+    """The rule's numbers: power, the noise sweep, the mechanism per arm, the conclusion."""
+    L = ["## Conclusion", "", f"**{decision['conclusion']}**"
+         + (f"; learned proxies: **{decision['learned_verdict']}**" if "learned_verdict" in decision else "")
+         + ".", "", "## Testbed power", ""]
+    if "verifier_gain" in decision:
+        L.append(f"Verifier arm held-out gain: {_ci(decision['verifier_gain'])} points (mean [95% CI]); "
+                 f"every seed up: {decision['verifier_all_seeds_up']}. Goal: >= +15 with every seed up.")
+    L += ["", "## Noise sweep: held-out verifier gain (points, mean [95% CI] over seeds)", "",
+          "| noise | noisy judge as score | noisy judge as win rates | pairwise - pointwise (Welch) |",
+          "|---|---|---|---|"]
+    for sigma, lv in decision["levels"].items():
+        L.append(f"| {sigma} | {_ci(lv['pointwise'])} | {_ci(lv['pairwise'])} | {_ci(lv['difference'])} |")
+    if "learned_difference" in decision:
+        L.append(f"| learned proxies | {_ci(t_interval([100 * v for v in summary['pointwise']['heldout_overall_delta']['values']]))} "
+                 f"| {_ci(t_interval([100 * v for v in summary['pairwise']['heldout_overall_delta']['values']]))} "
+                 f"| {_ci(decision['learned_difference'])} |")
+    L += ["", "## The mechanism (training reward vs the verifier, on the policy's rollouts; mean over seeds)", "",
+          "| arm | adv/verifier correlation first -> last (run mean) | noise share first -> last (run mean) | "
+          "amplification first -> last | judge error in the judged held-out change (points) |",
+          "|---|---|---|---|---|"]
+    for arm, a in summary.items():
+        if "mech_corr_first" not in a or arm == "verifier":  # the verifier agrees with itself
+            continue
+
+        def fl(k, d=3):
+            return (f"{a[f'{k}_first']['mean']:.{d}f} -> {a[f'{k}_last']['mean']:.{d}f}"
+                    + (f" ({a[f'{k}_mean']['mean']:.{d}f})" if f"{k}_mean" in a else ""))
+        L.append(f"| {arm} | {fl('mech_corr')} | {fl('mech_noise_share')} | "
+                 f"{a['mech_amplification_first']['mean']:.1f} -> {a['mech_amplification_last']['mean']:.1f} | "
+                 + (_pm(a, 'heldout_judge_error_delta', 100, 2) if 'heldout_judge_error_delta' in a else "n/a")
+                 + " |")
+    L += ["", "Correlation: pooled Pearson between the training reward's normalised advantages and the "
+          "verifier's on the same rollout (verifier arm: 1 by definition, not shown). Noise share: the share of "
+          "advantage variance inside sets of images the verifier scores equally (a lower bound on the noise). "
+          "Amplification: advantage spread over raw reward spread per group (the paper's HPS example: ~390). "
+          "Judge error: how many points of the noisy judge's view of the held-out change (final vs base) are "
+          "its own error sigma * z, not verifier gain (positive: the policy learned to please the judge's bias)."]
+    return L
+
+
 def write_markdown(path: Path, result: dict) -> None:
     s, meta = result["summary"], result["meta"]
     dims = [d for d in result["base_eval"]["table"] if d != "overall"]
     L = ["# Toy-world study: pointwise score vs pairwise win rate as the GRPO reward", ""]
     if meta.get("partial"):
         L += [f"**PARTIAL RESULTS**: {meta['partial']}.", ""]
+    if len(meta["seeds"]) < MIN_SEEDS:
+        L += [f"**REDUCED RUN**: {len(meta['seeds'])} seed(s) x {meta['steps']} steps, not the study's size; "
+              "it shows the code path works, its numbers answer nothing.", ""]
     L += [
          f"Reproduce: `{meta['command']}` (after `{result['proxies'].get('command', 'python experiments/toyworld/train_proxies.py')}`).",
          f"Machine: {meta['machine']}. Total wall time {meta['wall_s'] / 60:.1f} min "
@@ -628,8 +929,13 @@ def write_markdown(path: Path, result: dict) -> None:
          f"(ties: {result['proxies'].get('data_ties', '?')}). Held-out pair accuracy vs the verifier: "
          f"pairwise {result['proxies'].get('pairwise_heldout_accuracy_vs_verifier', float('nan')):.3f}, "
          f"pointwise {result['proxies'].get('pointwise_heldout_accuracy_vs_verifier', float('nan')):.3f}.",
-         f"- Arms: " + "; ".join(f"`{a}` = {ARM_LABELS[a]} (reward spec `{arm_spec(a, meta['oracle'])}`)"
+         f"- Arms: " + "; ".join(f"`{a}` = {arm_label(a)} (reward spec `{arm_spec(a, meta['oracle'])}`)"
                                  for a in result["runs"]) + ".",
+         "",
+         "## Decision rule (fixed in the code before the runs)",
+         "",
+         meta["decision_rule"],
+         ""] + decision_section(result["decision"], s) + [
          "",
          "## Headline numbers (mean ± std over seeds)",
          "",
@@ -677,7 +983,7 @@ def write_markdown(path: Path, result: dict) -> None:
             if "trainprompts_overall_final" in a:
                 L.append(f"| {arm} | " + " | ".join(_pm(a, f"trainprompts_{d}_final", 100, 1) for d in dims)
                          + f" | {_pm(a, 'trainprompts_overall_final', 100, 2)} |")
-    L += ["", "## What the numbers show", ""] + findings(s)
+    L += ["", "## What the numbers show (the old per-arm hacking flag)", ""] + findings(s)
     if result.get("discussion"):
         L += ["", result["discussion"]]
     L += ["", "## Files", ""]
@@ -708,9 +1014,13 @@ def finalize(result: dict, args, grids: dict, base_images: np.ndarray, cfg0, arm
     meta["finished_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     base_eval = result["base_eval"]
     result["summary"] = summarise(result["runs"], base_eval, args, args.oracle)
+    result["decision"] = decide(result["summary"], meta["noise"])
 
     files = [results_dir / f"{args.tag}.json", results_dir / f"{args.tag}.md"]
     if args.plots:
+        headline_png = results_dir / f"{args.tag}_headline.png"
+        plot_headline(result, args, headline_png)
+        files.append(headline_png)
         curves_png = results_dir / f"{args.tag}_curves.png"
         heldout_png = results_dir / f"{args.tag}_heldout.png"
         plot_curves(result["runs"], args, args.oracle, curves_png)
@@ -733,7 +1043,7 @@ def finalize(result: dict, args, grids: dict, base_images: np.ndarray, cfg0, arm
             for k in range(len(imgs)):
                 rows.append(list(imgs[k]))
                 labels.append(f"step {step}: {prompts[k]}")
-        path = results_dir / f"{args.tag}_groups_{arm}.png"
+        path = results_dir / f"{args.tag}_groups_{file_stem(arm)}.png"
         image_grid(rows, labels, [f"image {j}" for j in range(len(rows[0]))], path, scale=2)
         files.append(path)
     result["files"] = [str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in files]
@@ -743,8 +1053,27 @@ def finalize(result: dict, args, grids: dict, base_images: np.ndarray, cfg0, arm
     return result
 
 
+def render(args) -> dict:
+    """``--render_only``: the summary, decision, markdown and plots again from ``<tag>.json``
+    (the image grids need the runs' images and are left as they are)."""
+    results_dir = Path(args.results)
+    result = json.loads((results_dir / f"{args.tag}.json").read_text())
+    args.steps = int(result["meta"]["steps"])  # the summary's windows follow the runs' length
+    result["summary"] = summarise(result["runs"], result["base_eval"], args, result["meta"]["oracle"])
+    result["decision"] = decide(result["summary"], result["meta"]["noise"])
+    if args.plots:
+        plot_headline(result, args, results_dir / f"{args.tag}_headline.png")
+        plot_curves(result["runs"], args, result["meta"]["oracle"], results_dir / f"{args.tag}_curves.png")
+        plot_heldout(result["runs"], result["base_eval"], results_dir / f"{args.tag}_heldout.png")
+    (results_dir / f"{args.tag}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_markdown(results_dir / f"{args.tag}.md", result)
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render_only:
+        return render(args)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir) / "jax_cache"))
@@ -752,13 +1081,15 @@ def main(argv=None) -> dict:
     import shutil
 
     import prefgrpo_jax.toyworld.reward  # noqa: F401  (registers the verifier reward sources)
+    from prefgrpo_jax.toyworld.noisy_judge import JudgementError  # (and registers the noisy judges)
     from prefgrpo_jax import evaluate
     from prefgrpo_jax.rewards.pairwise import read_reward_config
     from prefgrpo_jax.state import load_pipeline
     from prefgrpo_jax.train_logging import read_metrics
 
     t_start = time.perf_counter()
-    arms = [a for a in args.arms.split(",") if a]
+    noise = [float(x) for x in args.noise.split(",") if x]
+    arms = expand_arms([a for a in args.arms.split(",") if a], noise)
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     eval_every = args.eval_every or max(1, args.steps // 3)
     eval_at = set(range(eval_every, args.steps + 1, eval_every)) | {args.steps}
@@ -802,7 +1133,9 @@ def main(argv=None) -> dict:
         "base": str(args.base), "proxies": str(args.proxies), "arms": arms, "seeds": seeds,
         "steps": args.steps, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
         "sample_steps": args.sample_steps, "learning_rate": float(cfg0.optim.learning_rate),
-        "clip_range": float(cfg0.train.clip_range), "oracle": args.oracle, "eval_at": sorted(eval_at),
+        "clip_range": float(cfg0.train.clip_range), "oracle": args.oracle, "noise": noise,
+        "updates_per_rollout": int(cfg0.train.updates_per_rollout), "rationorm": bool(cfg0.train.rationorm),
+        "decision_rule": DECISION_RULE, "min_seeds": MIN_SEEDS, "eval_at": sorted(eval_at),
         "eval_per_dim": args.eval_per_dim, "eval_steps": args.eval_steps,
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         # Other jobs on the machine stretch the wall time: say how busy it was.
@@ -817,11 +1150,14 @@ def main(argv=None) -> dict:
     for seed in seeds:
         for arm in arms:
             config = arm_config(args, arm, seed)
-            wd = work / f"{arm}_seed{seed}"
+            wd = work / f"{file_stem(arm)}_seed{seed}"
             if wd.exists():
                 shutil.rmtree(wd)
             t0 = time.perf_counter()
-            trainer = make_study_trainer(eval_at, proxies, base_images, train_prompts)(config, wd)
+            _, sigma = parse_arm(arm)
+            judge_error = None if sigma is None else JudgementError(seed, int(config.train.height))
+            trainer = make_study_trainer(eval_at, proxies, base_images, train_prompts,
+                                         judge_error, sigma or 0.0)(config, wd)
             trainer.run()
             curve = read_metrics(wd)
             run = {"curve": curve, "evals": {str(k): v for k, v in sorted(trainer.evals.items())},
