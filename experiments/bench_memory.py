@@ -222,9 +222,9 @@ def run(size: str, out_dir: str, threads: int, argv: list[str],
                              r["compile_s"]])
         md += [
             "",
-            f"FLUX.1-dev (11.9B) at 720x720 (2025 image + 512 text tokens), compile-only on "
-            f"the CPU backend (buffer sizes, not a GPU/TPU allocator), fp32 params + AdamW: "
-            f"what one device would hold unsharded.\n",
+            "FLUX.1-dev (11.9B) at 720x720 (2025 image + 512 text tokens), compile-only on "
+            "the CPU backend (buffer sizes, not a GPU/TPU allocator), fp32 params + AdamW: "
+            "what one device would hold unsharded.\n",
             bc.md_table(["remat", "G", "args GiB", "temp GiB", "peak est. GiB", "compile s"],
                         rows),
             "",

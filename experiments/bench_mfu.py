@@ -19,7 +19,6 @@ step time) / fp32 peak (the step runs in fp32).
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 from experiments import bench_common as bc
@@ -113,9 +112,7 @@ def worker(problem: dict, group: int, steps: int, reps: int, matmul_n: int) -> d
 
 def run(size: str, out_dir: str, threads: int, argv: list[str],
         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
+    started, load0, s, prob, _ = bc.run_setup(SIZES, size, overrides, None)
     r = bc.run_worker("experiments.bench_mfu:worker",
                       dict(problem=prob.to_json(), group=s["group"], steps=s["steps"],
                            reps=s["reps"], matmul_n=s["matmul_n"]), threads=threads)

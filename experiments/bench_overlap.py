@@ -172,9 +172,7 @@ def worker(problem: dict, prompts: int, group: int, steps: int, latency_s: float
 
 def run(size: str, out_dir: str, threads: int, argv: list[str],
         overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    started, load0 = time.time(), bc.loadavg()
-    s = {**SIZES[size], **(overrides or {})}
-    prob = bc.PROBLEMS[s["problem"]]
+    started, load0, s, prob, _ = bc.run_setup(SIZES, size, overrides, None)
     r = bc.run_worker("experiments.bench_overlap:worker",
                       dict(problem=prob.to_json(), prompts=s["prompts"], group=s["group"], steps=s["steps"],
                            latency_s=s["latency_s"], in_flight=s["in_flight"], reps=s["reps"]),

@@ -93,7 +93,7 @@ def bad_checkpoint_cases(key: str, shape_key: str):
         return t
 
     return [
-        ("missing", drop, [f"missing in", key]),
+        ("missing", drop, ["missing in", key]),
         ("extra", extra, ["unexpected tensor", "encoder.surprise.weight"]),
         ("shape", reshape, ["shape mismatch", shape_key]),
     ]

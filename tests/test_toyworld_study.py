@@ -74,7 +74,7 @@ def test_study_smoke(tiny_flux_dir, tmp_path):
     _save_random_proxies(proxies)
 
     results = tmp_path / "results"
-    result = study.main([
+    study.main([
         f"--base={tiny_flux_dir}", f"--prompts={prompts}", f"--proxies={proxies}",
         f"--results={results}", f"--workdir={tmp_path / 'work'}", "--tag=smoke", "--seeds=0",
         "--steps=1", "--prompts_per_step=2", "--group_size=4", "--sample_steps=2",

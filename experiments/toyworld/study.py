@@ -60,7 +60,6 @@ configs, wall times, machine), ``<tag>.md`` and PNG plots.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -929,7 +928,7 @@ def write_markdown(path: Path, result: dict) -> None:
          f"(ties: {result['proxies'].get('data_ties', '?')}). Held-out pair accuracy vs the verifier: "
          f"pairwise {result['proxies'].get('pairwise_heldout_accuracy_vs_verifier', float('nan')):.3f}, "
          f"pointwise {result['proxies'].get('pointwise_heldout_accuracy_vs_verifier', float('nan')):.3f}.",
-         f"- Arms: " + "; ".join(f"`{a}` = {arm_label(a)} (reward spec `{arm_spec(a, meta['oracle'])}`)"
+         "- Arms: " + "; ".join(f"`{a}` = {arm_label(a)} (reward spec `{arm_spec(a, meta['oracle'])}`)"
                                  for a in result["runs"]) + ".",
          "",
          "## Decision rule (fixed in the code before the runs)",
