@@ -136,7 +136,7 @@ def worker(problem: dict, prompts: int, group: int, steps: int, latency_s: float
             self.train_step = grpo.make_train_step(velocity_fn, sampler, gcfg, opt, **kw)
             self.split_step = grpo.make_train_step(velocity_fn, sampler, gcfg, opt, split=True, **kw)
             self.overlap_plan = overlap.plan(prompts, gcfg.micro_batches, "group", False)
-            self.ref_params = self.ema_update = None
+            self.ref_params = self.ema_update = self.frozen = None  # no KL reference, no LoRA
 
     host = StepHost()
     prompt_list = [f"prompt {n}" for n in range(prompts)]
