@@ -100,3 +100,15 @@ def test_registered_and_validated(groups):
         NoisyJudge(-0.1)
     with pytest.raises(ValueError, match="divisible by 4"):
         NoisyJudge(0.1).judgement(np.zeros((1, 2)), np.zeros((1, 2, 30, 30, 3)))
+
+
+def test_read_noise_does_not_depend_on_earlier_calls(groups):
+    """A resumed run's judge has seen nothing before: its draws must equal an
+    uninterrupted run's for the same images."""
+    _, images, v = groups
+    warm, fresh = NoisyJudge(0.2, read_noise=0.1, seed=2), NoisyJudge(0.2, read_noise=0.1, seed=2)
+    q = warm.judgement(v, images)
+    warm.point_from(q[::-1])  # an earlier step's (different) images
+    np.testing.assert_array_equal(warm.point_from(q), fresh.point_from(q))
+    np.testing.assert_array_equal(warm.pair_from(q), fresh.pair_from(q))
+    assert not np.array_equal(fresh.point_from(q), fresh.point_from(q))  # judged again: fresh noise

@@ -34,6 +34,7 @@ preference scorer's, and so a study can show the advantage does not care.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,8 +84,11 @@ class JudgementError:
 class NoisyJudge:
     """The underlying judgement ``q = v + sigma z`` plus the forms' read noise.
 
-    One instance per reward source; read noise is drawn from a stream keyed by
-    ``(seed, call index)``, so a run is reproducible from its seed.
+    One instance per reward source. Read noise is drawn from a stream keyed by
+    ``(seed, the judged values, how often these exact values were judged before)``:
+    reproducible from the seed, fresh when the same images are judged again, and
+    independent of how many calls came before, so a resumed run draws what an
+    uninterrupted one would.
     """
 
     def __init__(self, sigma: float, read_noise: float = 0.0, seed: int = 0):
@@ -96,11 +100,12 @@ class NoisyJudge:
                              f"(config.reward.options.<noisy source>.read_noise)")
         self.sigma, self.read_noise, self.seed = float(sigma), float(read_noise), int(seed)
         self._errors: dict[int, JudgementError] = {}
-        self._calls = 0
+        self._seen: dict[int, int] = {}
 
-    def _rng(self) -> np.random.Generator:
-        self._calls += 1
-        return np.random.default_rng([self.seed, 2, self._calls])
+    def _rng(self, q: np.ndarray) -> np.random.Generator:
+        key = zlib.crc32(np.ascontiguousarray(q, np.float64).tobytes())
+        self._seen[key] = self._seen.get(key, 0) + 1
+        return np.random.default_rng([self.seed, 2, key, self._seen[key]])
 
     def judgement(self, verifier: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Verifier scores ``[N, G]`` and their images ``[N, G, H, W, 3]`` -> ``q [N, G]`` (fp64)."""
@@ -111,7 +116,7 @@ class NoisyJudge:
 
     def point_from(self, q: np.ndarray, offset: float = 0.5, scale: float = 0.02) -> np.ndarray:
         """Judgements ``[N, G]`` -> compressed pointwise scores ``[N, G]`` with fresh read noise."""
-        e = self._rng().standard_normal(np.shape(q))
+        e = self._rng(q).standard_normal(np.shape(q))
         return offset + scale * (q + self.read_noise * e)
 
     def pair_from(self, q: np.ndarray) -> np.ndarray:
@@ -123,7 +128,7 @@ class NoisyJudge:
         q = np.asarray(q, np.float64)
         n, g = q.shape
         d = q[:, :, None] - q[:, None, :]
-        e = self._rng().standard_normal((n, g, g))
+        e = self._rng(q).standard_normal((n, g, g))
         e = np.triu(e, 1) - np.transpose(np.triu(e, 1), (0, 2, 1))  # antisymmetric: one draw per pair
         d = d + np.sqrt(2.0) * self.read_noise * e
         return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
