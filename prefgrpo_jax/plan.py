@@ -65,14 +65,6 @@ def model_configs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def per_device_bytes(tree: Any, shardings: Any) -> int:
-    """Bytes one device holds of ``tree`` (the largest shard over devices)."""
-    total = 0
-    for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        total += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
 def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo_cfg, remat: bool,
                updates: int, frozen: Any = None, frozen_shardings: Any = None) -> dict[str, int]:
     """Collective output bytes per device that FSDP cannot avoid, per step.
@@ -200,12 +192,12 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     }
     if base is not None:
         frozen["transformer base (LoRA)"] = base
-    frozen_bytes = {k: per_device_bytes(v, state_lib.tree_shardings(v, config, mesh)) for k, v in frozen.items()}
+    frozen_bytes = {k: state_lib.per_device_bytes(v, state_lib.tree_shardings(v, config, mesh)) for k, v in frozen.items()}
     ref_bytes = 0
     ref_abs = None
     if t.kl_beta > 0 and spec is None:  # LoRA's reference: the adapters off, no copy
         ref_abs = state_abs["params"]
-        ref_bytes = per_device_bytes(abstract_state["params"], state_shardings["params"])
+        ref_bytes = state_lib.per_device_bytes(abstract_state["params"], state_shardings["params"])
 
     # Shapes of one step.
     f = cfgs["vae"].vae_scale_factor
@@ -274,8 +266,8 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
     floor = fsdp_floor(abstract_state["params"], state_shardings["params"], jnp.float32,
                        sampler=sampler, grpo_cfg=grpo_cfg, remat=bool(config.model.remat), updates=updates,
                        frozen=base, frozen_shardings=base_shardings)
-    params_b = per_device_bytes(abstract_state["params"], state_shardings["params"])
-    opt_b = per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
+    params_b = state_lib.per_device_bytes(abstract_state["params"], state_shardings["params"])
+    opt_b = state_lib.per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
     frozen_b = sum(frozen_bytes.values())
     # Resident through the whole step: train state, frozen parts, KL reference.
     resident = params_b + opt_b + frozen_b + ref_bytes

@@ -13,6 +13,7 @@ sample/eval restore the parameters alone, in the dtype they compute in.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,17 @@ def activation_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]
     """``config.sharding.activation_rules`` as ``[(logical axis, mesh axes)]``."""
     rules = config.sharding.activation_rules
     return [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules]
+
+
+def per_device_bytes(tree: Any, shardings: Any = None) -> int:
+    """Bytes one device holds of ``tree`` (a shard's size; sharded arrays' own
+    shardings when ``shardings`` is None)."""
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    specs = jax.tree.leaves(shardings) if shardings is not None else [a.sharding for a in leaves]
+    for leaf, s in zip(leaves, specs, strict=True):
+        total += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+    return total
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -117,7 +117,8 @@ def _tree_bytes(tree: Any) -> int:
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sampler, grpo_cfg) -> str:
+def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sampler, grpo_cfg,
+                    state_shardings: Any) -> str:
     devices = jax.devices()
     n_dev = len(devices)
     lines = [
@@ -128,11 +129,13 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
     ]
     for name, tree in frozen.items():
         lines.append(f"frozen {name}: {_param_count(tree) / 1e6:.2f} M params ({_tree_bytes(tree) / 2**20:.1f} MiB)")
-    fsdp = mesh.shape["fsdp"]
-    per_device = (_tree_bytes(params) + _tree_bytes(opt_state)) / fsdp + sum(_tree_bytes(t) for t in frozen.values())
+    # Each leaf's shard as laid out (FSDP-sharded or replicated; frozen parts too).
+    per_device = (state_lib.per_device_bytes(params, state_shardings["params"])
+                  + state_lib.per_device_bytes(opt_state, state_shardings["opt_state"])
+                  + sum(state_lib.per_device_bytes(t) for t in frozen.values()))
     lines.append(
-        f"memory estimate per device (params + optimizer / fsdp {fsdp} + frozen, no activations): "
-        f"{per_device / 2**30:.3f} GiB"
+        f"memory estimate per device (the shards of params, optimizer state and frozen parts; "
+        f"no activations): {per_device / 2**30:.3f} GiB"
     )
     if mesh.shape["tensor"] > 1 and not config.sharding.rules:
         lines.append("note: mesh.tensor > 1 without sharding.rules replicates parameters over 'tensor'")
@@ -253,7 +256,7 @@ class Trainer:
             frozen["transformer base (LoRA)"] = self.frozen
         self.summary = startup_summary(
             config, self.mesh, abstract_state["params"], abstract_state["opt_state"], frozen,
-            self.sampler, self.grpo,
+            self.sampler, self.grpo, self.state_shardings,
         )
 
     def _setup_overlap(self) -> None:
