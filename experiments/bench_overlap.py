@@ -87,9 +87,8 @@ def worker(problem: dict, prompts: int, group: int, steps: int, latency_s: float
            reps: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
-    from prefgrpo_jax import grpo, overlap, sampling, sharding, train
+    from prefgrpo_jax import config as config_lib, grpo, overlap, sampling, sharding, train
     from prefgrpo_jax.models import autoencoder
     from prefgrpo_jax.rewards import registry
     from prefgrpo_jax.rewards.judge import VLMJudge
@@ -122,7 +121,7 @@ def worker(problem: dict, prompts: int, group: int, steps: int, latency_s: float
         sequential = train.Trainer._rewards_and_updates
 
         def __init__(self):
-            self.config = ml_collections.ConfigDict({"train": {"group_size": group, "reward_image": "x0_pred"}})
+            self.config = config_lib.RunConfig(train=config_lib.TrainConfig(group_size=group, reward_image="x0_pred"))
             self.mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
             self.sampler, self.grpo, self.local_prompts = sampler, gcfg, prompts
             self.decode = decode

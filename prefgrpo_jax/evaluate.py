@@ -112,7 +112,7 @@ def testpoint_table(verdicts: list[tuple[str, float]]) -> tuple[dict[str, float]
     return table, unjudged
 
 
-def generate(pipe, prompts: list[str], config: ml_collections.ConfigDict, key: jax.Array) -> np.ndarray:
+def generate(pipe, prompts: list[str], config: config_lib.RunConfig, key: jax.Array) -> np.ndarray:
     """Images ``[len(prompts), H, W, 3]`` with the deterministic sampler, in fixed-size batches."""
     e, t = config.eval, config.train
     batch = int(e.batch_size)
@@ -147,13 +147,13 @@ def score_table_markdown(table: dict[str, float], title: str) -> str:
     return "\n".join([header, sep, row])
 
 
-def heldout_set(config: ml_collections.ConfigDict) -> list[Any]:
+def heldout_set(config: config_lib.RunConfig) -> list[Any]:
     from prefgrpo_jax.toyworld.scenes import heldout_prompts
 
     return heldout_prompts(n_per_dim=int(config.eval.prompts_per_dimension))
 
 
-def _toy_verifier_task(config: ml_collections.ConfigDict):
+def _toy_verifier_task(config: config_lib.RunConfig):
     """(prompts, scorer): the toy world's held-out set judged by its verifier."""
     from prefgrpo_jax.toyworld.verify import score_table, verify
 
@@ -165,14 +165,14 @@ def _toy_verifier_task(config: ml_collections.ConfigDict):
     return [s.text for s in specs], score
 
 
-def vlm_judge_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def vlm_judge_options(config: config_lib.RunConfig) -> dict[str, Any]:
     """``VLMJudge`` keywords from ``eval.vlm_judge``."""
     options = {k: config.eval.vlm_judge[k] for k in VLM_JUDGE_OPTIONS if k in config.eval.vlm_judge}
     options["api_key_env"] = options.get("api_key_env") or None
     return options
 
 
-def _vlm_judge_task(config: ml_collections.ConfigDict):
+def _vlm_judge_task(config: config_lib.RunConfig):
     """(prompts, scorer): ``eval.prompts`` judged testpoint by testpoint by a VLM."""
     from prefgrpo_jax.rewards.judge import VLMJudge
 
@@ -193,7 +193,7 @@ def _vlm_judge_task(config: ml_collections.ConfigDict):
     return [it["prompt"] for it in items], score
 
 
-def _unigenbench_task(config: ml_collections.ConfigDict):
+def _unigenbench_task(config: config_lib.RunConfig):
     """(prompts, scorer): UniGenBench prompts, the official judge request and scoring.
 
     The scorer's table holds the primary-dimension accuracies and ``overall``.
@@ -213,7 +213,7 @@ def _unigenbench_task(config: ml_collections.ConfigDict):
     return [it.prompt for it in items], score
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict], tuple[list[str], Callable]]] = {
+TASKS: dict[str, Callable[[config_lib.RunConfig], tuple[list[str], Callable]]] = {
     "toy_verifier": _toy_verifier_task,
     "vlm_judge": _vlm_judge_task,
     "unigenbench": _unigenbench_task,
@@ -229,7 +229,7 @@ class PeriodicEval:
     only by the weights. One image per prompt.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: config_lib.RunConfig):
         self.config = config
         prompts, self.score = TASKS[config.eval.judge](config)
         count = min(int(config.eval.every_prompts), len(prompts))
@@ -268,7 +268,7 @@ def generate_seeded(pipe, prompts: list[str], *, seed: int, height: int, width: 
         yield start, np.asarray(images)[: len(chunk)]
 
 
-def unigenbench_setup(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, tuple]:
+def unigenbench_setup(config: config_lib.RunConfig) -> tuple[config_lib.RunConfig, tuple]:
     """(config to load the pipeline with, ``unigenbench.load_set`` output), before anything loads.
 
     Fails fast: the clone is read and the eval judge answers one real request
@@ -284,12 +284,11 @@ def unigenbench_setup(config: ml_collections.ConfigDict) -> tuple[ml_collections
     if not check.ok:
         raise JudgeUnavailableError("the UniGenBench judge is not ready:\n" + check.report())
     # The text encoders' token budget is fixed when the pipeline loads: load with the protocol's.
-    load_config = ml_collections.ConfigDict(config.to_dict())
-    load_config.train.max_sequence_length = int(e.unigenbench.max_sequence_length)
-    return load_config, task
+    train = config.train.replace(max_sequence_length=int(e.unigenbench.max_sequence_length))
+    return config.replace(train=train), task
 
 
-def evaluate_unigenbench(config: ml_collections.ConfigDict, task: tuple, pipe, step: int | None,
+def evaluate_unigenbench(config: config_lib.RunConfig, task: tuple, pipe, step: int | None,
                          workdir: str | Path, t0: float) -> dict[str, Any]:
     """UniGenBench with the official protocol; writes images, result CSV, JSON and markdown.
 
@@ -351,9 +350,9 @@ def evaluate_unigenbench(config: ml_collections.ConfigDict, task: tuple, pipe, s
     return report
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def evaluate(config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str | Path) -> dict[str, Any]:
     """Scores the latest checkpoint of ``workdir`` (or the base weights) and writes reports."""
-    config_lib.validate(config, mode="eval")
+    config = config_lib.build(config, mode="eval")
     workdir_lock.prepare_workdir(workdir)  # a read-only workdir fails now, not after judging
     t0 = time.perf_counter()
     official = config.eval.judge == "unigenbench"

@@ -21,8 +21,9 @@ import sys
 import time
 from typing import Any, Callable
 
-import ml_collections
 import numpy as np
+
+from prefgrpo_jax import config as config_lib
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _pairwise_request(judge, check: Check) -> None:
         check.lines.append(f"pair request parsed: P(red square beats blue disc) = {matrix[0, 0, 1]:.1f}")
 
 
-def _unigenbench_request(config: ml_collections.ConfigDict) -> Callable[[Any, Check], None]:
+def _unigenbench_request(config: config_lib.RunConfig) -> Callable[[Any, Check], None]:
     from prefgrpo_jax import unigenbench
 
     protocol, items, _ = unigenbench.load_set(config.eval.unigenbench_dir, config.eval.unigenbench_set, limit=1)
@@ -175,17 +176,16 @@ def _testpoint_request(judge, check: Check) -> None:
         check.lines.append(f"testpoint request parsed: {scores[0].tolist()}")
 
 
-def check_reward_judge(config: ml_collections.ConfigDict) -> Check | None:
+def check_reward_judge(config: config_lib.RunConfig) -> Check | None:
     """The pairwise reward judge's check, or None when ``reward.spec`` has no ``vlm_judge``."""
     if "vlm_judge" not in dict(config.reward.spec):
         return None
-    raw = config.reward.options.get("vlm_judge", {})
-    options = dict(raw.to_dict() if hasattr(raw, "to_dict") else raw)
+    options = dict(config.reward.options.get("vlm_judge", {}))
     options["retries"] = 0  # a check should fail fast, not back off
     return _check_server("reward judge (pairwise)", "reward.options.vlm_judge", options, _pairwise_request)
 
 
-def check_eval_judge(config: ml_collections.ConfigDict) -> Check | None:
+def check_eval_judge(config: config_lib.RunConfig) -> Check | None:
     """The eval judge's check, or None when ``eval.judge`` needs no server."""
     from prefgrpo_jax.evaluate import vlm_judge_options
 
@@ -205,7 +205,7 @@ def check_eval_judge(config: ml_collections.ConfigDict) -> Check | None:
     return _check_server(name, "eval.vlm_judge", options, request)
 
 
-def check_judges(config: ml_collections.ConfigDict) -> list[Check]:
+def check_judges(config: config_lib.RunConfig) -> list[Check]:
     """One :class:`Check` per judge server the config uses (none for the toy world)."""
     return [c for c in (check_reward_judge(config), check_eval_judge(config)) if c is not None]
 
@@ -214,10 +214,12 @@ def main(argv) -> None:
     del argv
     from absl import flags
 
-    checks = check_judges(flags.FLAGS.config)
+    # Typed, not validated: the servers are checked before the rest of the config is.
+    config = config_lib.RunConfig.from_dict(flags.FLAGS.config)
+    checks = check_judges(config)
     if not checks:
         print("the config uses no judge server (reward.spec has no vlm_judge; eval.judge is "
-              f"{flags.FLAGS.config.eval.judge!r}): nothing to check")
+              f"{config.eval.judge!r}): nothing to check")
     for check in checks:
         print(check.report(), flush=True)
     if not all(c.ok for c in checks):

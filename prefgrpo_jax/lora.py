@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -43,32 +42,6 @@ INITS = ("default", "gaussian")
 REFERENCE_TARGETS = flux.DOUBLE_LORA_TARGETS
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-
-
-def spec_from_config(config: ml_collections.ConfigDict) -> flux.LoraSpec | None:
-    """``config.model.lora`` as a ``flux.LoraSpec``; None when LoRA is off (rank 0)."""
-    lora = config.model.lora
-    if not int(lora.rank):
-        return None
-    return flux.LoraSpec(rank=int(lora.rank), alpha=float(lora.alpha), targets=tuple(lora.targets))
-
-
-def config_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """What is wrong with ``config.model.lora`` (empty when valid or off)."""
-    lora = config.model.lora
-    rank = lora.rank
-    if not isinstance(rank, int) or rank < 0:
-        return [f"config.model.lora.rank={rank!r}: must be an integer >= 0 (0 = LoRA off; the reference uses 64)"]
-    if rank == 0:
-        return []
-    problems = []
-    if lora.init not in INITS:
-        problems.append(f"config.model.lora.init={lora.init!r}: must be one of {INITS}")
-    try:
-        spec_from_config(config)
-    except (ValueError, TypeError) as e:
-        problems.append(f"config.{e}" if str(e).startswith("model.lora") else str(e))
-    return problems
 
 
 def split(model: flux.FluxTransformer) -> tuple[nnx.GraphDef, Any, Any]:
@@ -224,7 +197,7 @@ def merged_model(base_model: flux.FluxTransformer, adapters: Any, spec: flux.Lor
 
 
 __all__ = [
-    "INITS", "REFERENCE_TARGETS", "WEIGHT_NAME", "abstract_model", "config_problems", "init_adapters",
-    "merged_model", "merged_params", "peft_metadata", "peft_tensors", "save_peft", "spec_from_config",
+    "INITS", "REFERENCE_TARGETS", "WEIGHT_NAME", "abstract_model", "init_adapters",
+    "merged_model", "merged_params", "peft_metadata", "peft_tensors", "save_peft",
     "split", "zero_adapters",
 ]

@@ -43,7 +43,7 @@ class PlanDoesNotFitError(SystemExit):
     """The planned run needs more memory per device than the topology has."""
 
 
-def model_configs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def model_configs(config: config_lib.RunConfig) -> dict[str, Any]:
     """Transformer, T5, CLIP-text and VAE configs: a preset's or the model directory's."""
     preset = config.plan.preset
     if preset == "flux1-dev":
@@ -133,16 +133,15 @@ def _compile(name: str, lowered) -> tuple[Any, float]:
     return compiled, seconds
 
 
-def build_report(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def build_report(config: ml_collections.ConfigDict | config_lib.RunConfig) -> dict[str, Any]:
     """Compiles both programs for ``config`` on the simulated devices; the report dict."""
     p = config.plan
     n_dev = jax.device_count()
     if n_dev != p.devices:
         raise RuntimeError(f"plan: {p.devices} devices were asked for but JAX has {n_dev}; "
                            "run through `python -m prefgrpo_jax.main --mode=plan`, which sets them up")
-    config = config_lib.resolve_batch(config, n_dev)
-    config_lib.validate(config, mode="plan", num_devices=n_dev)
-    mesh = sharding.make_mesh(dict(config.mesh))
+    config = config_lib.build(config, mode="plan", num_devices=n_dev)
+    mesh = sharding.make_mesh(config.mesh.sizes())
     # Traced as the trainer traces them: activations pinned to the batch.
     with sharding.activation_sharding(mesh, state_lib.activation_rules(config)):
         return _build_report(config, mesh)
@@ -158,7 +157,7 @@ def _plan_attention(name: str) -> str:
     return name
 
 
-def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+def _build_report(config: config_lib.RunConfig, mesh) -> dict[str, Any]:
     from prefgrpo_jax.train import build_optimizer, grpo_config, sampler_config
 
     p, t = config.plan, config.train
@@ -168,7 +167,7 @@ def _build_report(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
 
     # Policy: fp32 master weights, the trainer's shardings. LoRA: fp32 adapters
     # trained, the base frozen in model.dtype (state.lora_state).
-    spec = lora_lib.spec_from_config(config)
+    spec = config.model.lora.spec()
     transformer = flux.abstract_transformer(
         cfgs["transformer"], dtype=jnp.float32 if spec is None else model_dtype, remat=bool(config.model.remat),
         remat_policy=config.model.remat_policy, compute_dtype=state_lib.DTYPES[config.model.compute_dtype],
@@ -357,7 +356,8 @@ def report_markdown(r: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str | Path, command: str = "") -> dict[str, Any]:
+def plan(config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str | Path,
+         command: str = "") -> dict[str, Any]:
     """Prints the plan, writes ``workdir/plan.{json,md}``; raises ``PlanDoesNotFitError``
     (exit status 1) when the peak exceeds ``plan.device_memory_gib``."""
     report = build_report(config)

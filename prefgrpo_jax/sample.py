@@ -13,17 +13,16 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from prefgrpo_jax import workdir_lock
+from prefgrpo_jax import config as config_lib, workdir_lock
 from prefgrpo_jax.state import load_trained_pipeline
 from prefgrpo_jax.train_logging import save_image_grid
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+def sample(config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str | Path) -> Path:
     """Writes ``workdir/samples/step_<k>/`` PNGs (one per image) and a grid."""
+    config = config_lib.build(config, mode="sample")
     s = config.sample
     prompts = list(s.prompts)
-    if not prompts:
-        raise ValueError("config.sample.prompts is empty: give at least one prompt")
     workdir_lock.prepare_workdir(workdir)  # a read-only workdir fails now, not after sampling
     pipe, step = load_trained_pipeline(config, workdir)
     out = Path(workdir) / "samples" / (f"step_{step:06d}" if step is not None else "base")

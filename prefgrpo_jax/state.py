@@ -12,30 +12,33 @@ sample/eval restore the parameters alone, in the dtype they compute in.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from prefgrpo_jax import checkpoint, convert, grpo, lora, sharding
-from prefgrpo_jax.pipeline import FluxPipeline
+from prefgrpo_jax.config import RunConfig
+from prefgrpo_jax.models.flux import LoraSpec
+from prefgrpo_jax.pipeline import FluxPipeline, make_velocity_fn
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _rules(config: ml_collections.ConfigDict) -> tuple[int, list[tuple[str, tuple]]]:
+def _rules(config: RunConfig) -> tuple[int, list[tuple[str, tuple]]]:
     return int(config.sharding.fsdp_min_size), [tuple(r) for r in config.sharding.rules]
 
 
-def sharding_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> convert.ShardingFn:
+def sharding_fn(config: RunConfig, mesh: Mesh) -> convert.ShardingFn:
     """``(dotted parameter key, shape) -> NamedSharding`` from ``config.sharding``."""
     min_size, rules = _rules(config)
     sizes = dict(mesh.shape)
@@ -47,13 +50,13 @@ def sharding_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> convert.Shardi
     return fn
 
 
-def tree_shardings(tree: Any, config: ml_collections.ConfigDict, mesh: Mesh) -> Any:
+def tree_shardings(tree: Any, config: RunConfig, mesh: Mesh) -> Any:
     """NamedShardings for a pytree (params, optimizer state) by ``config.sharding``."""
     min_size, rules = _rules(config)
     return sharding.param_shardings(tree, mesh, min_size=min_size, rules=rules)
 
 
-def activation_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
+def activation_rules(config: RunConfig) -> list[tuple[str, Any]]:
     """``config.sharding.activation_rules`` as ``[(logical axis, mesh axes)]``."""
     rules = config.sharding.activation_rules
     return [(name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules]
@@ -76,7 +79,7 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def load_pipeline(
-    config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
+    config: RunConfig, mesh: Mesh | None = None, *,
     transformer_dtype: jnp.dtype | None = None, load_transformer: bool = True,
 ) -> FluxPipeline:
     """The config's pipeline; with ``mesh`` every component is born sharded on it.
@@ -100,7 +103,7 @@ def load_pipeline(
 
 
 def train_state_shardings(abstract_params: Any, optimizer: optax.GradientTransformation,
-                          config: ml_collections.ConfigDict, mesh: Mesh, *, ema: bool = False
+                          config: RunConfig, mesh: Mesh, *, ema: bool = False
                           ) -> tuple[Any, Any]:
     """``(abstract train state, its shardings)``; nothing is allocated."""
     abstract = jax.eval_shape(lambda p: grpo.init_train_state(p, optimizer, ema=ema), abstract_params)
@@ -115,7 +118,7 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, shard
     return init(params)
 
 
-def lora_state(pipe: FluxPipeline, spec: Any, config: ml_collections.ConfigDict, mesh: Mesh, *,
+def lora_state(pipe: FluxPipeline, spec: LoraSpec, config: RunConfig, mesh: Mesh, *,
                fresh: bool) -> tuple[nnx.GraphDef, Any, Any]:
     """``(graphdef, adapters, base)`` of a LoRA run (``config.model.lora``).
 
@@ -138,7 +141,7 @@ def copy_params(params: Any, shardings: Any) -> Any:
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
 
 
-def _params_checkpointers(config: ml_collections.ConfigDict, workdir: str | Path
+def _params_checkpointers(config: RunConfig, workdir: str | Path
                           ) -> list[checkpoint.Checkpointer]:
     """Open checkpointers of both kinds (full state, params-only) that hold a step, newest first."""
     found = []
@@ -154,7 +157,7 @@ def _params_checkpointers(config: ml_collections.ConfigDict, workdir: str | Path
     return sorted(found, key=lambda c: c.latest_step(), reverse=True)
 
 
-def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path,
+def load_trained_pipeline(config: RunConfig, workdir: str | Path,
                           mesh: Mesh | None = None) -> tuple[FluxPipeline, int | None]:
     """The pipeline with the newest checkpointed transformer, else the base weights.
 
@@ -163,11 +166,11 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
     ``config.model.dtype``. A LoRA run's checkpoints hold its adapters: the base
     is read and the adapters merged into it (a plain transformer to sample).
     """
-    mesh = mesh or sharding.make_mesh(dict(config.mesh))
+    mesh = mesh or sharding.make_mesh(config.mesh.sizes())
     checkpointers = _params_checkpointers(config, workdir)
     if not checkpointers:
         return load_pipeline(config, mesh), None
-    spec = lora.spec_from_config(config)
+    spec = config.model.lora.spec()
     pipe = load_pipeline(config, mesh, load_transformer=spec is not None)
     if spec is None:
         _, abstract = nnx.split(pipe.transformer)
@@ -194,3 +197,70 @@ def load_trained_pipeline(config: ml_collections.ConfigDict, workdir: str | Path
         pipe.transformer = lora.merged_model(pipe.transformer, params, spec)
         return pipe, step
     return pipe.with_transformer_params(params), step
+
+
+def checkpointers(config: RunConfig, workdir: Path
+                  ) -> tuple[checkpoint.Checkpointer, checkpoint.Checkpointer | None]:
+    """A training run's full-state checkpointer and its params-only one (None when off)."""
+    state = checkpoint.Checkpointer(workdir / checkpoint.DIRECTORIES["state"], keep=config.keep_checkpoints,
+                                    save_every=config.checkpoint_every)
+    if not config.params_checkpoint_every:
+        return state, None
+    return state, checkpoint.Checkpointer(
+        workdir / checkpoint.DIRECTORIES["params"], keep=config.keep_checkpoints,
+        save_every=config.params_checkpoint_every, kind="params")
+
+
+@dataclasses.dataclass
+class Policy:
+    """What a training run trains, born sharded on its mesh.
+
+    Attributes:
+      pipe: the pipeline; its transformer's params were taken over (the state
+        holds the trained ones; no second copy).
+      velocity_fn: ``(params or (adapters, base), x, t, cond) -> v``.
+      lora: the adapters' spec, or None for full fine-tuning.
+      frozen: LoRA's frozen base transformer (passed beside the adapters), else None.
+      state: the train state (params, optimizer state, step, EMA); abstract with
+        its shardings when resuming (``Checkpointer`` restores into it).
+      abstract_state: its shapes and dtypes.
+      state_shardings: its NamedShardings.
+      ref_params: the KL reference of full fine-tuning with ``kl_beta > 0``
+        (LoRA's reference is the adapters off: none), else None.
+    """
+
+    pipe: FluxPipeline
+    velocity_fn: Callable
+    lora: LoraSpec | None
+    frozen: Any
+    state: Any
+    abstract_state: Any
+    state_shardings: Any
+    ref_params: Any
+
+
+def trainable_policy(config: RunConfig, mesh: Mesh, optimizer: optax.GradientTransformation, *,
+                     resuming: bool, ema: bool) -> Policy:
+    """The pipeline and train state of a run: master weights in fp32 (or LoRA
+    adapters over a frozen base in ``model.dtype``), frozen parts in ``model.dtype``,
+    every component born in its sharding on ``mesh``."""
+    spec = config.model.lora.spec()
+    kl = config.train.kl_beta > 0
+    # Resuming without a KL reference never reads the base transformer (LoRA
+    # always needs it: its checkpoints hold the adapters alone).
+    pipe = load_pipeline(config, mesh, transformer_dtype=None if spec else jnp.float32,
+                         load_transformer=not resuming or kl or spec is not None)
+    frozen = None
+    if spec is None:
+        _, params = pipe.take_transformer_params()
+        velocity_fn = pipe.velocity_fn
+    else:
+        graphdef, params, frozen = lora_state(pipe, spec, config, mesh, fresh=not resuming)
+        velocity_fn = make_velocity_fn(graphdef, pipe.velocity_compute_dtype)
+    abstract, shardings = train_state_shardings(params, optimizer, config, mesh, ema=ema)
+    # Full fine-tuning's frozen reference = the initial weights, in a buffer of their own.
+    ref_params = copy_params(params, shardings["params"]) if kl and spec is None else None
+    state = (with_shardings(abstract, shardings) if resuming
+             else init_train_state(params, optimizer, shardings, ema=ema))
+    return Policy(pipe=pipe, velocity_fn=velocity_fn, lora=spec, frozen=frozen, state=state,
+                  abstract_state=abstract, state_shardings=shardings, ref_params=ref_params)

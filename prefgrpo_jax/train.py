@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -30,7 +31,7 @@ from prefgrpo_jax import ema as ema_lib
 from prefgrpo_jax import lora as lora_lib
 from prefgrpo_jax import state as state_lib
 from prefgrpo_jax.models import autoencoder
-from prefgrpo_jax.pipeline import FluxPipeline, make_velocity_fn
+from prefgrpo_jax.pipeline import FluxPipeline
 from prefgrpo_jax.rewards import registry
 from prefgrpo_jax.train_logging import MetricsLogger, read_metrics, reward_trend, save_image_grid
 
@@ -43,7 +44,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps had NaN/Inf losses or gradients."""
 
 
-def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sampling.SamplerConfig:
+def sampler_config(config: config_lib.RunConfig, image_seq_len: int) -> sampling.SamplerConfig:
     t = config.train
     return sampling.SamplerConfig(
         num_steps=t.num_steps, eta=t.eta, mode=t.step_mode, schedule=t.schedule,
@@ -54,7 +55,7 @@ def sampler_config(config: ml_collections.ConfigDict, image_seq_len: int) -> sam
     )
 
 
-def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
+def grpo_config(config: config_lib.RunConfig) -> grpo.GRPOConfig:
     t = config.train
     return grpo.GRPOConfig(
         clip_range=t.clip_range, timestep_fraction=t.timestep_fraction, kl_beta=t.kl_beta,
@@ -65,7 +66,7 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo.GRPOConfig:
     )
 
 
-def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def lr_schedule(config: config_lib.RunConfig) -> optax.Schedule:
     """Learning rate per optimizer update: linear warmup from 0 over
     ``optim.warmup_steps``, then constant or cosine to 0 at the last update
     (``total_steps x updates_per_rollout``)."""
@@ -83,7 +84,7 @@ def lr_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
-def build_optimizer(config: ml_collections.ConfigDict):
+def build_optimizer(config: config_lib.RunConfig):
     o = config.optim
     return grpo.make_optimizer(
         lr_schedule(config), weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm,
@@ -91,7 +92,7 @@ def build_optimizer(config: ml_collections.ConfigDict):
     )
 
 
-def prompt_source(config: ml_collections.ConfigDict, workdir: Path) -> data.DecodedSource:
+def prompt_source(config: config_lib.RunConfig, workdir: Path) -> data.DecodedSource:
     path = Path(config.data.prompts)
     if not path.is_file():
         raise FileNotFoundError(
@@ -117,21 +118,42 @@ def _tree_bytes(tree: Any) -> int:
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sampler, grpo_cfg,
-                    state_shardings: Any) -> str:
+def make_decode(vae: nnx.Module, h: int, w: int) -> tuple[Any, Callable]:
+    """``(vae params, decode)``: ``decode(vae_params, packed [B, L, C]) -> images [B, H, W, 3]``
+    in [0, 1], jitted; the (sharded) VAE is gathered inside the program."""
+    vae_graph, vae_params = nnx.split(vae)
+    vae_replicated = sharding.replicated_like(vae_params)
+
+    @jax.jit
+    def decode(vae_params, packed):
+        vae_params = sharding.gather(vae_params, vae_replicated)
+        return nnx.merge(vae_graph, vae_params).decode(autoencoder.unpack_latents(packed, h, w))
+
+    return vae_params, decode
+
+
+def startup_summary(config: config_lib.RunConfig, mesh, policy: state_lib.Policy, vae_params,
+                    sampler: sampling.SamplerConfig, grpo_cfg: grpo.GRPOConfig) -> str:
     devices = jax.devices()
     n_dev = len(devices)
+    params, opt_state = policy.abstract_state["params"], policy.abstract_state["opt_state"]
     lines = [
         f"prefgrpo_jax: {jax.process_count()} process(es), {n_dev} {devices[0].platform} device(s) "
         f"({devices[0].device_kind}), mesh {dict(mesh.shape)}",
         f"trainable transformer: {_param_count(params) / 1e6:.2f} M params "
         f"({_tree_bytes(params) / 2**20:.1f} MiB), optimizer state {_tree_bytes(opt_state) / 2**20:.1f} MiB",
     ]
+    frozen = {
+        "vae": vae_params,
+        "text encoders": (nnx.split(policy.pipe.text_encoder)[1], nnx.split(policy.pipe.text_encoder_2)[1]),
+    }
+    if policy.frozen is not None:
+        frozen["transformer base (LoRA)"] = policy.frozen
     for name, tree in frozen.items():
         lines.append(f"frozen {name}: {_param_count(tree) / 1e6:.2f} M params ({_tree_bytes(tree) / 2**20:.1f} MiB)")
     # Each leaf's shard as laid out (FSDP-sharded or replicated; frozen parts too).
-    per_device = (state_lib.per_device_bytes(params, state_shardings["params"])
-                  + state_lib.per_device_bytes(opt_state, state_shardings["opt_state"])
+    per_device = (state_lib.per_device_bytes(params, policy.state_shardings["params"])
+                  + state_lib.per_device_bytes(opt_state, policy.state_shardings["opt_state"])
                   + sum(state_lib.per_device_bytes(t) for t in frozen.values()))
     lines.append(
         f"memory estimate per device (the shards of params, optimizer state and frozen parts; "
@@ -152,112 +174,52 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
 class Trainer:
     """Holds the compiled functions and state of one training run."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        # The batch layout (prompts per device, micro-batches) derived for this pod.
-        config = config_lib.resolve_batch(config, jax.device_count())
-        self.config = config
-        config_lib.validate(config, mode="train", num_devices=jax.device_count())
-        self.workdir = workdir_lock.prepare_workdir(workdir)
-        # Before anything is loaded: a second run on this workdir stops here.
-        self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if jax.process_index() == 0 else None
+    def __init__(self, config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str | Path):
+        # Typed and validated once, with the batch layout derived for this pod.
+        self.config = config = config_lib.build(config, mode="train", num_devices=jax.device_count())
         t = config.train
         if t.prompts_per_step % jax.process_count():
             raise config_lib.ConfigError(
                 f"config.train.prompts_per_step={t.prompts_per_step}: must be divisible by the "
                 f"{jax.process_count()} processes"
             )
-        self.mesh = sharding.make_mesh(dict(config.mesh))
-        self.optimizer = build_optimizer(config)
-        ema_decay = float(config.ema.decay)
-        self.ema_update = (
-            ema_lib.make_ema_update(ema_decay, int(config.ema.every)) if ema_decay > 0 else None
-        )
-        self.checkpointer = checkpoint.Checkpointer(
-            self.workdir / checkpoint.DIRECTORIES["state"], keep=config.keep_checkpoints,
-            save_every=config.checkpoint_every,
-        )
-        self.params_checkpointer = None
-        if config.params_checkpoint_every:
-            self.params_checkpointer = checkpoint.Checkpointer(
-                self.workdir / checkpoint.DIRECTORIES["params"], keep=config.keep_checkpoints,
-                save_every=config.params_checkpoint_every, kind="params",
-            )
-        # Resuming without a KL reference never reads the base transformer
-        # (LoRA always needs it: its checkpoints hold the adapters alone).
-        resuming = self.checkpointer.latest_step() is not None
-        self.lora = lora_lib.spec_from_config(config)
-        load_base = not resuming or t.kl_beta > 0 or self.lora is not None
-        # Trained params in fp32 (master weights), frozen parts (LoRA's base
-        # included) in model.dtype; every component born sharded on the mesh.
-        self.pipe = state_lib.load_pipeline(
-            config, self.mesh, transformer_dtype=None if self.lora else jnp.float32, load_transformer=load_base)
-        self.frozen = None  # LoRA's base transformer, passed beside the trained adapters
-        if self.lora is None:
-            graphdef, params = self.pipe.take_transformer_params()
-            self.velocity_fn = self.pipe.velocity_fn
-        else:
-            graphdef, params, self.frozen = state_lib.lora_state(self.pipe, self.lora, config, self.mesh,
-                                                                 fresh=not resuming)
-            self.velocity_fn = make_velocity_fn(graphdef, self.pipe.velocity_compute_dtype)
-        abstract_state, self.state_shardings = state_lib.train_state_shardings(
-            params, self.optimizer, config, self.mesh, ema=self.ema_update is not None)
-        self.ref_params = None
-        if t.kl_beta > 0 and self.lora is None:  # LoRA's reference: the adapters off (grpo)
-            # Frozen reference = the initial weights, in a buffer of its own.
-            self.ref_params = state_lib.copy_params(params, self.state_shardings["params"])
-        # On resume the state is restored into these shardings by restore().
-        self.state = (state_lib.with_shardings(abstract_state, self.state_shardings) if resuming
-                      else state_lib.init_train_state(params, self.optimizer, self.state_shardings,
-                                                      ema=self.ema_update is not None))
-        del params
+        self.workdir = workdir_lock.prepare_workdir(workdir)
+        self.is_chief = jax.process_index() == 0
+        # Before anything is loaded: a second run on this workdir stops here.
+        self.lock = workdir_lock.WorkdirLock(self.workdir).acquire() if self.is_chief else None
+        self.mesh = sharding.make_mesh(config.mesh.sizes())
+        self.checkpointer, self.params_checkpointer = state_lib.checkpointers(config, self.workdir)
+        self.optimizer, self.lr_schedule = build_optimizer(config), lr_schedule(config)
+        self.ema_update = (ema_lib.make_ema_update(float(config.ema.decay), int(config.ema.every))
+                           if config.ema.decay > 0 else None)
+        policy = state_lib.trainable_policy(config, self.mesh, self.optimizer, ema=self.ema_update is not None,
+                                            resuming=self.checkpointer.latest_step() is not None)
+        self.pipe, self.velocity_fn, self.lora, self.frozen = policy.pipe, policy.velocity_fn, policy.lora, policy.frozen
+        self.state, self.state_shardings, self.ref_params = policy.state, policy.state_shardings, policy.ref_params
         self.h, self.w = self.pipe.latent_hw(t.height, t.width)
         self.latent_shape = ((self.h // 2) * (self.w // 2), self.pipe.transformer.cfg.in_channels)
         self.sampler = sampler_config(config, self.latent_shape[0])
         self.grpo = grpo_config(config)
-        self.lr_schedule = lr_schedule(config)
-        repl = sharding.replicated(self.mesh)
         self.train_step = grpo.make_train_step(
             self.velocity_fn, self.sampler, self.grpo, self.optimizer,
-            jit_kwargs={"out_shardings": (self.state_shardings, repl)},
+            jit_kwargs={"out_shardings": (self.state_shardings, sharding.replicated(self.mesh))},
         )
-        vae_graph, vae_params = nnx.split(self.pipe.vae)
-        self.vae_params = vae_params
-        h, w = self.h, self.w
-        vae_replicated = sharding.replicated_like(vae_params)
-
-        @jax.jit
-        def decode(vae_params, packed):
-            vae_params = sharding.gather(vae_params, vae_replicated)
-            return nnx.merge(vae_graph, vae_params).decode(autoencoder.unpack_latents(packed, h, w))
-
-        self.decode = decode
+        self.vae_params, self.decode = make_decode(self.pipe.vae, self.h, self.w)
         self.broadcast_group = sharding.make_group_broadcast(self.mesh, t.group_size)
         self.reward = registry.build_reward_mix(
             config.reward.spec, config.reward.options, ddof=int(t.adv_ddof),
-            adv_clip_max=t.adv_clip_max, adv_norm=t.adv_norm,
-            gdpo=bool(config.reward.gdpo),
+            adv_clip_max=t.adv_clip_max, adv_norm=t.adv_norm, gdpo=bool(config.reward.gdpo),
         )
         self.overlap_plan = self.split_step = None
         if t.overlap:
             self._setup_overlap()
-        source = prompt_source(config, self.workdir)
         self.local_prompts = t.prompts_per_step // jax.process_count()
         self.stream = data.PromptStream(
-            source, self.local_prompts, seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            prompt_source(config, self.workdir), self.local_prompts, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
         )
-        self.is_chief = jax.process_index() == 0
         self.root_key = jax.random.key(config.seed)
-        frozen = {
-            "vae": vae_params,
-            "text encoders": (nnx.split(self.pipe.text_encoder)[1], nnx.split(self.pipe.text_encoder_2)[1]),
-        }
-        if self.frozen is not None:
-            frozen["transformer base (LoRA)"] = self.frozen
-        self.summary = startup_summary(
-            config, self.mesh, abstract_state["params"], abstract_state["opt_state"], frozen,
-            self.sampler, self.grpo, self.state_shardings,
-        )
+        self.summary = startup_summary(config, self.mesh, policy, self.vae_params, self.sampler, self.grpo)
 
     def _setup_overlap(self) -> None:
         """The overlapped step's plan and its micro-batch-by-micro-batch update."""
@@ -588,7 +550,7 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+def train(config: ml_collections.ConfigDict | config_lib.RunConfig, workdir: str | Path) -> None:
     Trainer(config, workdir).run()
 
 

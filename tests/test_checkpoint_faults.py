@@ -75,7 +75,7 @@ def test_sample_and_eval_load_the_newest_readable_checkpoint(tiny_flux_dir, tmp_
     import jax
     from flax import nnx
 
-    from prefgrpo_jax import grpo, state as state_lib
+    from prefgrpo_jax import config as config_lib, grpo, state as state_lib
     from prefgrpo_jax.state import load_pipeline
     from prefgrpo_jax.train import build_optimizer
     from test_train import load_tiny_config
@@ -91,7 +91,7 @@ def test_sample_and_eval_load_the_newest_readable_checkpoint(tiny_flux_dir, tmp_
     ck.close()
     biggest_file(tmp_path / "checkpoints" / "2" / "state").write_bytes(b"\0" * 10)
     with caplog.at_level(logging.WARNING):
-        pipe, step = state_lib.load_trained_pipeline(config, tmp_path)  # what --mode=sample and eval call
+        pipe, step = state_lib.load_trained_pipeline(config_lib.RunConfig.from_dict(config), tmp_path)  # what --mode=sample and eval call
     assert step == 1
     restored = jax.tree.leaves(nnx.split(pipe.transformer)[1])[0]
     np.testing.assert_allclose(np.asarray(restored), np.asarray(jax.tree.leaves(params)[0]) + 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards tiny.py names)
-from prefgrpo_jax import evaluate
+from prefgrpo_jax import config as config_lib, evaluate
 from prefgrpo_jax.toyworld.scenes import DIMENSIONS
 from test_train import load_tiny_config
 
@@ -135,7 +135,7 @@ def test_periodic_eval_scores_a_fixed_spread_subset(tiny_flux_dir, tmp_path):
     specs = evaluate.heldout_set(c)
     assert periodic.index == [0, 25, 50, 74, 99] and len(specs) == 100
     assert [specs[i].dimension for i in periodic.index] == list(DIMENSIONS)
-    pipe, _ = load_trained_pipeline(c, tmp_path)  # no checkpoint: the base weights
+    pipe, _ = load_trained_pipeline(config_lib.RunConfig.from_dict(c), tmp_path)  # no checkpoint: the base weights
     first = periodic(pipe)
     assert set(first) == {f"eval/{d}" for d in DIMENSIONS} | {"eval/overall", "eval_time_s"}
     second = periodic(pipe)

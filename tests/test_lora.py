@@ -77,7 +77,7 @@ def test_lora_config_errors_name_the_field(field, value, message):
     c = config_lib.base_config()
     c.model.lora.rank = 8
     c.model.lora[field] = value
-    problems = lora.config_problems(c)
+    problems = config_lib.LoraConfig.from_dict(c.model.lora).problems("model.lora.", "train")
     assert any(message in p for p in problems), problems
 
 
@@ -90,8 +90,8 @@ def _config(name: str):
 
 
 def test_lora_off_by_default_and_on_in_flux_lora_config():
-    assert lora.spec_from_config(config_lib.base_config()) is None
-    got = lora.spec_from_config(_config("flux_lora"))
+    assert config_lib.RunConfig().model.lora.spec() is None
+    got = config_lib.RunConfig.from_dict(_config("flux_lora")).model.lora.spec()
     assert (got.rank, got.alpha, got.scale) == (64, 128.0, 2.0)
     assert got.targets == flux.DOUBLE_LORA_TARGETS
 
@@ -227,7 +227,7 @@ def test_plan_mode_counts_adapters_as_trained_and_the_base_as_frozen(tiny_flux_d
     g = report["per_device_gib"]
     assert report["lora"] and "params (fp32 master)" not in g
     cfg = flux.diffusers_config(tiny_flux_dir)[0]
-    _, abstract, base = lora.split(lora.abstract_model(flux.abstract_transformer(cfg), lora.spec_from_config(c)))
+    _, abstract, base = lora.split(lora.abstract_model(flux.abstract_transformer(cfg), config_lib.LoraConfig.from_dict(c.model.lora).spec()))
     nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
     assert g["LoRA adapters (fp32)"] * 2**30 == pytest.approx(nbytes(abstract))
     assert g["optimizer state"] * 2**30 >= 2 * nbytes(abstract)

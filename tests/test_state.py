@@ -141,7 +141,7 @@ def test_sample_restores_params_only(trained_workdir, monkeypatch):
         raise AssertionError("sample/eval must not restore the optimizer state")
 
     monkeypatch.setattr(checkpoint.Checkpointer, "restore", no_full_restore)
-    pipe, step = state_lib.load_trained_pipeline(config, work)
+    pipe, step = state_lib.load_trained_pipeline(config_lib.RunConfig.from_dict(config), work)
     assert step == 1
     _, params = nnx.split(pipe.transformer)
     ckpt = checkpoint.Checkpointer(work / "checkpoints", keep=2, save_every=1)
@@ -161,8 +161,7 @@ def test_flux_config_lays_out_on_8_to_64_devices_and_bad_layouts_name_a_fix():
     c = module.get_config()
     c.plan.preset = "flux1-dev"
     for n in (8, 16, 32, 64):
-        resolved = config_lib.resolve_batch(c, n)
-        config_lib.validate(resolved, mode="plan", num_devices=n)
+        resolved = config_lib.build(c, mode="plan", num_devices=n)
         # The reference's per-rank batch: one prompt x 8 images per device, two
         # updates of 4 samples, each trained one sample per device at a time.
         assert resolved.train.prompts_per_step == n
@@ -170,8 +169,8 @@ def test_flux_config_lays_out_on_8_to_64_devices_and_bad_layouts_name_a_fix():
     c.train.prompts_per_device = 0
     c.train.prompts_per_step = 3
     with pytest.raises(config_lib.ConfigError, match=r"prompts_per_step=3: .* use a multiple of 2"):
-        config_lib.validate(config_lib.resolve_batch(c, 8), mode="plan", num_devices=8)
+        config_lib.build(c, mode="plan", num_devices=8)
     c.train.prompts_per_step = 8
     c.train.micro_batches = 3
     with pytest.raises(config_lib.ConfigError, match=r"micro_batches=3: .*valid here: \[1, 2, 4\]"):
-        config_lib.validate(config_lib.resolve_batch(c, 8), mode="plan", num_devices=8)
+        config_lib.build(c, mode="plan", num_devices=8)

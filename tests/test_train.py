@@ -1,5 +1,6 @@
 """The training program: validation messages, end to end, exact resume, sharding."""
 
+import dataclasses
 import importlib.util
 import signal
 import subprocess
@@ -89,12 +90,39 @@ def test_validation_error_names_field_value_and_fix(tiny_config, field, value, m
 def test_every_field_is_required_and_named_when_missing(tiny_config):
     """A field's default lives in base_config() alone: a config without it (e.g.
     written for an older version) is refused by name, never read with a fallback."""
-    assert "model.attention" in config_lib.field_paths(config_lib.base_config())
+    assert "model.attention" in config_lib.field_paths()
     c = tiny_config()
     del c.model["attention"]
     del c.ema["use"]
     with pytest.raises(config_lib.ConfigError, match=r"missing fields: config\.ema\.use, config\.model\.attention \(build"):
         config_lib.validate(c, num_devices=1)
+
+
+def test_unknown_fields_are_refused_by_name(tiny_config):
+    """A typo'd field in a config file is an error, not silently ignored."""
+    c = tiny_config()
+    c.train.learning_rate = 1e-3  # belongs to optim
+    c.reward.gpdo = True
+    with pytest.raises(config_lib.ConfigError, match=r"unknown fields: config\.reward\.gpdo, config\.train\.learning_rate"):
+        config_lib.validate(c, num_devices=1)
+
+
+def test_typed_config_is_built_once_and_round_trips(tiny_config):
+    """build() gives one frozen, typed object per section; its dict is the ConfigDict's."""
+    import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards)
+
+    c = tiny_config()
+    c.train.prompts_per_device, c.train.micro_batches = 0, 0
+    run = config_lib.build(c, num_devices=1)
+    assert isinstance(run.train, config_lib.TrainConfig) and isinstance(run.model.lora, config_lib.LoraConfig)
+    assert run.model.lora.spec() is None and run.mesh.sizes() == dict(c.mesh)
+    per_update = c.train.prompts_per_step * c.train.group_size // c.train.updates_per_rollout
+    assert run.train.micro_batches == per_update  # derived for one device: one sample per micro-batch
+    assert run.to_dict() == {**c.to_dict(), "train": {**c.train.to_dict(), "micro_batches": per_update}}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.train.group_size = 4
+    assert config_lib.build(run, num_devices=1) == run
+    assert config_lib.base_config().to_dict() == config_lib.RunConfig().to_dict()
 
 
 def test_grad_accum_names_its_replacements(tiny_config):

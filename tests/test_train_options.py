@@ -152,7 +152,7 @@ def test_ema_is_checkpointed_and_served_when_asked(tiny_flux_dir, tmp_path):
     ckpt.close()
     for use, want in ((True, want_ema), (False, want_params)):
         c.ema.use = use
-        loaded, step = state_lib.load_trained_pipeline(c, tmp_path)
+        loaded, step = state_lib.load_trained_pipeline(config_lib.RunConfig.from_dict(c), tmp_path)
         assert step == 1
         got = jax.tree.map(np.asarray, nnx.split(loaded.transformer)[1])
         jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards tiny.py names)
-from prefgrpo_jax import evaluate, unigenbench
+from prefgrpo_jax import config as config_lib, evaluate, unigenbench
 from test_judge import MODEL, FakeJudgeServer
 from test_train import load_tiny_config
 
@@ -325,7 +325,7 @@ def test_periodic_eval_on_unigenbench_logs_primary_dimensions(tiny_flux_dir, ser
     assert periodic.index == [0, 2, 5]
     from prefgrpo_jax.state import load_trained_pipeline
 
-    metrics = periodic(load_trained_pipeline(c, tmp_path)[0])  # no checkpoint: base weights
+    metrics = periodic(load_trained_pipeline(config_lib.RunConfig.from_dict(c), tmp_path)[0])  # no checkpoint: base weights
     with (UGB / "data" / "test_prompts_en.csv").open(newline="", encoding="utf-8") as f:
         rows = [r for k, r in enumerate(csv.DictReader(f)) if k in (0, 2, 5)]
     points = [(r["prompt_en"], p) for r in rows for p in json.loads(r["sub_dims_en"])["Testpoints"]]
