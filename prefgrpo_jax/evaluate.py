@@ -337,7 +337,7 @@ def evaluate_unigenbench(config: config_lib.RunConfig, task: tuple, pipe, step: 
         **summary,
         "data_issues": issues,
         "judge_stats": stats,
-        "judge_model": str(e.vlm_judge.model),
+        "judge_model": str(e.vlm_judge["model"]),
         "results_csv": str(csv_path),
         "wall_s": time.perf_counter() - t0,
     }

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from prefgrpo_jax import checkpoint, grpo, state as state_lib
+from prefgrpo_jax import checkpoint, config as config_lib, grpo, state as state_lib
 from prefgrpo_jax.models import flux
 from train_helpers import env, write_test_config
 
