@@ -33,16 +33,9 @@ def pytest_configure(config):
         return
     _session_cache_dir = tempfile.mkdtemp(prefix="prefgrpo_jax_test_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _session_cache_dir
+    # Before any test imports JAX (no plugin does), so this process reads them too.
     for name, value in _CACHE_VARS.items():
         os.environ.setdefault(name, value)
-    if "jax" in sys.modules:  # imported before this hook (a plugin): its config read the env already
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", _session_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 def pytest_unconfigure(config):
