@@ -64,8 +64,21 @@ def _save_random_proxies(directory):
                           tokenizer=tok, extra={"data_label_noise": 0.2, "data_ties": "drop"})
 
 
+@pytest.fixture
+def session_cache_config():
+    """study.main points JAX's compilation cache at its workdir and caches only compiles
+    over 0.5 s: give the later tests of this process back the session's settings."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 @pytest.mark.slow  # five 1-step GRPO runs (one per arm kind) with their compiles: ~2 CPU-minutes
-def test_study_smoke(tiny_flux_dir, tmp_path):
+def test_study_smoke(tiny_flux_dir, tmp_path, session_cache_config):
     from experiments.toyworld import study
 
     prompts = tmp_path / "prompts.jsonl"
