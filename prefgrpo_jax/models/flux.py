@@ -56,7 +56,7 @@ from prefgrpo_jax.convert import (
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
-from prefgrpo_jax.sharding import constrain, logical_spec
+from prefgrpo_jax.sharding import constrain, logical_size, logical_spec
 
 __all__ = [
     "FluxConfig",
@@ -1068,6 +1068,13 @@ class FluxTransformer(nnx.Module):
         chex.assert_shape(timesteps, (b,))
         chex.assert_shape(y, (b, cfg.vec_dim))
         dt = self.dtype
+        heads_split = logical_size("heads")
+        if cfg.num_heads % heads_split:
+            divisors = [t for t in range(1, cfg.num_heads + 1) if cfg.num_heads % t == 0]
+            raise ValueError(
+                f"mesh.tensor={heads_split} (sharding.activation_rules 'heads') must divide the transformer's "
+                f"num_heads={cfg.num_heads}: tensor parallelism gives each device whole heads. Use mesh.tensor "
+                f"in {divisors}.")
 
         # Activations stay with their batch rows (a no-op outside
         # sharding.activation_sharding): only the FSDP weights move.
