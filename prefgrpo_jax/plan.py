@@ -127,13 +127,16 @@ def tensor_parallel_bytes(cfg: flux.FluxConfig, mesh, tokens: int, itemsize: int
 
 
 def sharded_shapes(params: Any, shardings: Any) -> list[tuple[int, ...]]:
-    """Shapes of the sharded parameters and of one layer of each (stacked blocks)."""
+    """Shapes of the sharded parameters' gradients before their reduction over the
+    batch devices, and of one layer of each (stacked blocks): the whole parameter,
+    or its "tensor" shard under tensor parallelism."""
     shapes = []
     for leaf, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
         if any(axis is not None for axis in s.spec):
-            shapes.append(tuple(leaf.shape))
-            if len(leaf.shape) >= 3:
-                shapes.append(tuple(leaf.shape[1:]))
+            shape = _gathered_shape(tuple(leaf.shape), s)
+            shapes.append(shape)
+            if len(shape) >= 3:
+                shapes.append(shape[1:])
     return shapes
 
 
