@@ -344,8 +344,9 @@ def export_flux_bfl(model: FluxTransformer, *, dtype: Any = None,
     """Our ``FluxTransformer`` -> original BFL names (``flux1-dev.safetensors`` layout).
 
     Our attribute names are BFL's, so this only unstacks the layer axis
-    (``double_blocks.{i}.*``, ``single_blocks.{i}.*``) and writes kernels as
-    torch ``weight [out, in]``; RMSNorm ``scale`` keeps its name. ``prefix``
+    (``double_blocks.{i}.*``, ``single_blocks.{i}.*``), puts the head-grouped
+    fused linears back in BFL's contiguous order and writes kernels as torch
+    ``weight [out, in]``; RMSNorm ``scale`` keeps its name. ``prefix``
     (e.g. ``"model.diffusion_model."``, ComfyUI) is put before every key.
     The inverse of ``flux.map_bfl`` / ``flux.load_bfl``.
     """

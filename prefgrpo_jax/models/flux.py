@@ -5,6 +5,11 @@ Follows the original Black Forest Labs implementation (``flux/model.py``,
 checkpoints map onto the NNX state almost by identity, and diffusers
 ``FluxTransformer2DModel`` checkpoints through :func:`map_diffusers`.
 
+The fused linears (the double block's qkv, the single block's linear1 and
+linear2) are stored head-grouped rather than in BFL's contiguous order (per
+head its q, k, v and MLP slice: :class:`HeadGrouped`), so that a split over the
+"tensor" mesh axis is whole heads; the loaders and exporters convert.
+
 The 19 double-stream and 38 single-stream blocks are each one module whose
 parameters carry a leading layer axis (created with ``nnx.vmap``) and are
 applied with ``nnx.scan``, so compile time does not grow with depth;
@@ -1165,7 +1170,8 @@ def _swap_halves(a: LazyTensor | None) -> LazyTensor | None:
 
 
 def map_diffusers(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
-    """diffusers ``FluxTransformer2DModel`` state dict -> our NNX state paths."""
+    """diffusers ``FluxTransformer2DModel`` state dict -> our NNX state paths (fused
+    linears head-grouped, :func:`fused_layouts`)."""
     out: TensorMap = {}
     _put_linear(out, src, "img_in", "x_embedder")
     _put_linear(out, src, "txt_in", "context_embedder")
@@ -1224,7 +1230,8 @@ def _head_grouped(out: TensorMap, cfg: FluxConfig) -> TensorMap:
 
 
 def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
-    """Original BFL single-file names (``flux1-dev.safetensors``) -> NNX state paths."""
+    """Original BFL single-file names (``flux1-dev.safetensors``) -> NNX state paths
+    (identical names; the fused linears rearranged head-grouped, :func:`fused_layouts`)."""
     out: TensorMap = {}
     top = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
            "vector_in.in_layer", "vector_in.out_layer", "final_layer.linear",
