@@ -70,9 +70,9 @@ def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo
                tensor_parallel: int = 0, rows: tuple[int, int] = (0, 0)) -> dict[str, int]:
     """Collective output bytes per device that FSDP (and tensor parallelism) cannot avoid, per step.
 
-    Every forward pass gathers each sharded weight over "fsdp", in the compute
-    dtype: the whole weight, or with tensor parallelism the device's "tensor"
-    shard of it; training gathers again for the backward pass when blocks are
+    Every forward pass gathers each sharded weight, in the compute dtype: the
+    whole weight, or with tensor parallelism the device's "tensor" shard of a
+    tensor-parallel one (gathered over "fsdp"); training gathers again for the backward pass when blocks are
     rematerialised, and reduce-scatters each gradient (fp32, one shard's bytes)
     once per forward/backward pass (micro-batches x timestep chunks). ``frozen``
     (LoRA's base) is gathered like the params but has no gradient.
@@ -105,11 +105,13 @@ def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo
 
 
 def _gathered_shape(shape: tuple[int, ...], s) -> tuple[int, ...]:
-    """A weight's shape once gathered over "fsdp": its splits over other mesh axes stay."""
+    """A weight's shape once gathered for use: a dimension split over "fsdp" (alone
+    or with "tensor": FSDP over both) comes whole; a tensor-parallel split stays."""
     out = list(shape)
     for dim, axes in enumerate(tuple(s.spec)):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        out[dim] //= math.prod(s.mesh.shape[a] for a in names if a != "fsdp")
+        if "fsdp" not in names:
+            out[dim] //= math.prod(s.mesh.shape[a] for a in names)
     return tuple(out)
 
 
@@ -143,7 +145,9 @@ def sharded_shapes(params: Any, shardings: Any) -> list[tuple[int, ...]]:
 def as_reduce_scatters(collectives: dict[str, Any], mesh) -> float:
     """Collective bytes with each gradient all-reduce replaced by the reduce-scatter
     a GPU/TPU compile makes of it: one fsdp shard of the output (plus an
-    all-reduce of that shard over ``data`` when the mesh has data parallelism)."""
+    all-reduce of that shard over ``data`` when the mesh has data parallelism). With
+    ``mesh.tensor > 1`` a parameter FSDP-split over fsdp x tensor reduce-scatters
+    to 1/tensor of that shard: counted as the larger fsdp shard, an overcount."""
     grads = collectives.get(program_analysis.GRADIENT_ALL_REDUCE, 0)
     per_shard = grads / mesh.shape["fsdp"]
     return collectives["total"] - grads + per_shard * (1 if mesh.shape["data"] == 1 else 2)

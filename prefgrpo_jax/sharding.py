@@ -19,8 +19,8 @@ single block's linear2) their input features, and FSDP splits the other
 dimension (:data:`TENSOR_PARALLEL`, :func:`tensor_parallel_spec`). Each device
 then gathers only its tensor shard of a weight, over "fsdp", and computes its
 heads and MLP slice; the activations' "heads"/"mlp" logical axes map to
-"tensor" (:data:`DEFAULT_ACTIVATION_RULES`). Other parameters are replicated
-over "tensor".
+"tensor" (:data:`DEFAULT_ACTIVATION_RULES`). Other parameters are FSDP-split
+over "fsdp" x "tensor" (over "fsdp" alone when no dimension divides).
 
 ``sharding.rules`` (a list of ``(regex, spec)``) overrides both per tensor: the
 first regex that *searches* the tensor's path (``double_blocks/img_attn/qkv/
@@ -184,15 +184,17 @@ def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
-    """PartitionSpec splitting the largest ``fsdp``-divisible dim of a tensor."""
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int,
+              axes: str | tuple[str, ...] = "fsdp") -> P:
+    """PartitionSpec splitting the largest dim of a tensor divisible by ``fsdp_size``
+    (the size of the mesh ``axes`` it is split over)."""
     if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
     order = sorted(range(len(shape)), key=lambda i: -shape[i])
     for dim in order:
         if shape[dim] % fsdp_size == 0:
             spec = [None] * len(shape)
-            spec[dim] = "fsdp"
+            spec[dim] = axes
             return P(*spec)
     return P()
 
@@ -257,7 +259,8 @@ def partition_spec(
     rules: Sequence[tuple[str, Sequence[str | None]]] = (),
 ) -> P:
     """The PartitionSpec of one tensor: the first matching rule, else the
-    tensor-parallel spec (``mesh.tensor > 1``), else FSDP-by-size."""
+    tensor-parallel spec (``mesh.tensor > 1``), else FSDP-by-size (over
+    "fsdp" x "tensor" when ``mesh.tensor > 1`` and a dimension divides)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = tuple(spec)
@@ -276,6 +279,13 @@ def partition_spec(
     tensor_parallel = tensor_parallel_spec(path, shape, mesh_sizes, min_size=min_size)
     if tensor_parallel is not None:
         return tensor_parallel
+    tensor = mesh_sizes.get("tensor", 1)
+    if tensor > 1:
+        # Not tensor-parallel: FSDP over fsdp x tensor when a dimension allows,
+        # so "tensor" divides its memory too (the gather brings it whole either way).
+        spec = fsdp_spec(shape, mesh_sizes["fsdp"] * tensor, min_size, axes=("fsdp", "tensor"))
+        if spec != P():
+            return spec
     return fsdp_spec(shape, mesh_sizes["fsdp"], min_size)
 
 

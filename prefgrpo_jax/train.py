@@ -139,7 +139,7 @@ def startup_summary(config, mesh, params, opt_state, frozen: dict[str, Any], sam
     )
     if mesh.shape["tensor"] > 1:
         lines.append(f"tensor parallelism over {mesh.shape['tensor']} devices: the FLUX blocks' heads and MLP "
-                     "hidden are split over 'tensor'; other parameters are replicated over it")
+                     "hidden are split over 'tensor'; other parameters are FSDP-split over fsdp x tensor")
     t = config.train
     lines.append(
         f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "
