@@ -107,7 +107,7 @@ def hlo() -> None:
     graphdef, params = nnx.split(flux.abstract_transformer(CFG))
     shardings = sharding.param_shardings(params, mesh, min_size=MIN_SIZE)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-    batch, seq, txt = 16, 80, 12  # lengths no weight dimension has
+    batch, seq, txt = 16, 104, 14  # lengths (factors 13, 7) no weight dimension or shard has
     bs, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     cond = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=bs),
                         jax.eval_shape(lambda: inputs(batch, seq, txt)))
