@@ -871,11 +871,7 @@ class Modulation(nnx.Module):
                            param_dtype=param_dtype)
 
     def __call__(self, vec: jax.Array) -> list[jax.Array]:
-        # Pinned to its batch rows like the tokens: left free, XLA computes it
-        # sharded over the features like its FSDP weight, and the split's
-        # chunks straddle the shards (collective-permutes and a full
-        # rematerialisation in the train step).
-        out = constrain(self.lin(nnx.silu(vec))[:, None, :], ("batch", None, None))
+        out = self.lin(nnx.silu(vec))[:, None, :]
         return jnp.split(out, self.multiplier, axis=-1)
 
 
@@ -1000,8 +996,7 @@ class LastLayer(nnx.Module):
                               param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
-        mod = constrain(self.adaLN_modulation[1](nnx.silu(vec)), ("batch", None))  # as in Modulation
-        shift, scale = jnp.split(mod, 2, axis=-1)
+        shift, scale = jnp.split(self.adaLN_modulation[1](nnx.silu(vec)), 2, axis=-1)
         x = (1 + scale[:, None, :]) * _layer_norm(x) + shift[:, None, :]
         return _adapt(self.lora, ("proj_out",), self.linear.out_features, x, self.linear(x))
 
