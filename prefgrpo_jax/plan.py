@@ -72,10 +72,11 @@ def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo
 
     Every forward pass gathers each sharded weight, in the compute dtype: the
     whole weight, or with tensor parallelism the device's "tensor" shard of a
-    tensor-parallel one (gathered over "fsdp"); training gathers again for the backward pass when blocks are
-    rematerialised, and reduce-scatters each gradient (fp32, one shard's bytes)
-    once per forward/backward pass (micro-batches x timestep chunks). ``frozen``
-    (LoRA's base) is gathered like the params but has no gradient.
+    tensor-parallel one (gathered over "fsdp"); training gathers again for the
+    backward pass when blocks are rematerialised, and reduce-scatters each
+    gradient (fp32, one shard's bytes) once per forward/backward pass
+    (micro-batches x timestep chunks). ``frozen`` (LoRA's base) is gathered like
+    the params but has no gradient.
 
     ``tensor_parallel``: :func:`tensor_parallel_bytes` of one forward pass over
     one row, 0 without tensor parallelism; ``rows``: the rows (samples x

@@ -814,11 +814,13 @@ class QKNorm(nnx.Module):
 
 
 # Logical axes of the activations (sharding.constrain; mesh axes from
-# sharding.activation_rules). Every one is pinned to its batch rows: left free,
-# XLA's propagation follows the FSDP-sharded weights into the activations and
-# moves them (e.g. the fused projections' outputs were computed sharded over
-# their features and all-to-all'd back: 1.9 TB per train step at full size on
-# 8 devices). "heads" and "mlp" map to the "tensor" mesh axis: with
+# sharding.activation_rules). The block carries and the fused projections'
+# outputs are pinned to their batch rows: left free, XLA's propagation follows
+# the FSDP-sharded weights into the activations and moves them (e.g. the fused
+# outputs were computed sharded over their features and all-to-all'd back: 1.9
+# TB per train step at full size on 8 devices); the row-parallel linears' inputs
+# and outputs only under tensor parallelism (_constrain_tensor_parallel).
+# "heads" and "mlp" map to the "tensor" mesh axis: with
 # mesh.tensor > 1 each device computes its heads and MLP slice (column-parallel
 # qkv / linear1 / mlp.0, head-grouped, see HeadGrouped) and the row-parallel
 # projections back to TOKENS sum over "tensor" (one all-reduce each).
@@ -832,7 +834,7 @@ def _constrain_tensor_parallel(x: jax.Array, logical: tuple[str | None, ...]) ->
     """``constrain`` where only tensor parallelism needs it (the heads-sharded inputs
     and summed outputs of the row-parallel linears); left to XLA at mesh.tensor == 1,
     where pinning them measured 1.3 TB more per train step at full size on 8 devices
-    (XLA then gathers more weights than with them free)."""
+    (more weight gathers and gradient all-reduces than with them free)."""
     return constrain(x, logical) if logical_size("heads") > 1 else x
 
 
