@@ -46,7 +46,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from prefgrpo_jax.models.autoencoder import Autoencoder, AutoencoderConfig
-from prefgrpo_jax.models.flux import FluxConfig, FluxTransformer
+from prefgrpo_jax.models.flux import FluxConfig, FluxTransformer, fused_layouts
 from prefgrpo_jax.models.text_encoders import (
     CLIPTextConfig,
     CLIPTextTransformer,
@@ -152,8 +152,12 @@ class _Params:
     """
 
     def __init__(self, model: nnx.Module, dtype: Any,
-                 sink: Callable[[str, np.ndarray], None] | None = None):
+                 sink: Callable[[str, np.ndarray], None] | None = None,
+                 layouts: Mapping[str, tuple[Any, int]] | None = None):
         _, state = nnx.split(model, nnx.Param)
+        # Parameters stored in another layout than the export format's:
+        # key -> (layout with to_contiguous, axis); get() returns them contiguous.
+        self._layouts = dict(layouts or {})
         self._arrays = {
             ".".join(str(p) for p in path): leaf.get_value()
             for path, leaf in nnx.to_flat_state(state)
@@ -173,7 +177,11 @@ class _Params:
             raise ExportError(f"{self.origin} has no parameter {key!r} (parameters: "
                               f"{sorted(self._arrays)[:20]} ...).")
         self._used.add(key)
-        return _to_numpy(self._arrays[key])
+        array = _to_numpy(self._arrays[key])
+        if key in self._layouts:
+            layout, axis = self._layouts[key]
+            array = layout.to_contiguous(array, axis)
+        return array
 
     def put(self, name: str, array: np.ndarray) -> None:
         if name in self._written:
@@ -286,7 +294,7 @@ def export_flux_diffusers(model: FluxTransformer, *, dtype: Any = None,
     """
     cfg = model.cfg
     cfg.to_diffusers()  # raises for configs diffusers cannot express
-    p = _Params(model, dtype, sink)
+    p = _Params(model, dtype, sink, layouts=fused_layouts(cfg))
     h, mlp = cfg.hidden_size, cfg.mlp_hidden_dim
     _linear(p, "img_in", "x_embedder")
     _linear(p, "txt_in", "context_embedder")
@@ -336,12 +344,13 @@ def export_flux_bfl(model: FluxTransformer, *, dtype: Any = None,
     """Our ``FluxTransformer`` -> original BFL names (``flux1-dev.safetensors`` layout).
 
     Our attribute names are BFL's, so this only unstacks the layer axis
-    (``double_blocks.{i}.*``, ``single_blocks.{i}.*``) and writes kernels as
-    torch ``weight [out, in]``; RMSNorm ``scale`` keeps its name. ``prefix``
+    (``double_blocks.{i}.*``, ``single_blocks.{i}.*``), puts the head-grouped
+    fused linears back in BFL's contiguous order and writes kernels as torch
+    ``weight [out, in]``; RMSNorm ``scale`` keeps its name. ``prefix``
     (e.g. ``"model.diffusion_model."``, ComfyUI) is put before every key.
     The inverse of ``flux.map_bfl`` / ``flux.load_bfl``.
     """
-    p = _Params(model, dtype)
+    p = _Params(model, dtype, layouts=fused_layouts(model.cfg))
     stacked = {"double_blocks": model.cfg.depth, "single_blocks": model.cfg.depth_single}
     rename = {"kernel": "weight", "bias": "bias", "scale": "scale"}
     for key in p.keys():

@@ -162,15 +162,30 @@ def save_peft(adapters: Any, cfg: flux.FluxConfig, spec: flux.LoraSpec, director
 
 
 def merged_params(base: Any, adapters: Any, cfg: flux.FluxConfig, spec: flux.LoraSpec) -> Any:
-    """``base`` with every adapter folded in: ``W[:, cols] += scale * a @ b`` (fp32 sum,
-    cast back to the base dtype). The result is a plain transformer's params, in
-    ``base``'s shardings (one jitted program: no full-size copy on one device)."""
+    """``base`` with every adapter folded in: ``W += scale * a @ b`` on the adapter's
+    part (fp32 sum, cast back to the base dtype), placed by ``flux.lora_layout``
+    (head-grouped fused linears included). The result is a plain transformer's
+    params, in ``base``'s shardings (one jitted program: no full-size copy on one
+    device)."""
     layout = flux.lora_layout(cfg)
-    targets: dict[str, list[tuple[int, int, str]]] = {}
+    targets: dict[str, list[tuple[flux.LoraSite, str]]] = {}
     for kind, ours, module in _blocks(spec):
-        linear, start, stop = layout[kind, module]
-        targets.setdefault(f"{linear}.kernel", []).append(
-            (start, stop, f"{ours}.lora.layers.{flux.lora_key(module)}"))
+        site = layout[kind, module]
+        targets.setdefault(f"{site.linear}.kernel", []).append(
+            (site, f"{ours}.lora.layers.{flux.lora_key(module)}"))
+
+    def delta(value: jax.Array, sites: list[tuple[flux.LoraSite, str]], flat_adapters: dict) -> jax.Array:
+        """The summed fp32 delta of one base kernel ``[(layers,) in, out]``, in its layout."""
+        site = sites[0][0]
+        parts: list[jax.Array | None] = [None] * len(site.columns.sizes)
+        for s, key in sites:
+            parts[s.part] = spec.scale * jnp.matmul(flat_adapters[f"{key}.lora_a"].astype(jnp.float32),
+                                                    flat_adapters[f"{key}.lora_b"].astype(jnp.float32))
+        parts = [jnp.zeros(value.shape[:-1] + (n,), jnp.float32) if p is None else p
+                 for p, n in zip(parts, site.columns.sizes)]
+        contiguous = jnp.concatenate(parts, axis=-1)  # [..., in (diffusers rows), out (contiguous)]
+        grouped = site.columns.from_contiguous(contiguous, -1, jnp.concatenate)
+        return site.rows.from_contiguous(grouped, -2, jnp.concatenate)
 
     @jax.jit
     def fold(base, adapters):
@@ -178,11 +193,9 @@ def merged_params(base: Any, adapters: Any, cfg: flux.FluxConfig, spec: flux.Lor
         leaves = []
         for path, var in nnx.to_flat_state(base):
             value = var.get_value()
-            for start, stop, key in targets.get(".".join(str(p) for p in path), ()):
-                delta = spec.scale * jnp.matmul(flat_adapters[f"{key}.lora_a"].astype(jnp.float32),
-                                                flat_adapters[f"{key}.lora_b"].astype(jnp.float32))
-                value = value.at[..., start:stop].set(
-                    (value[..., start:stop].astype(jnp.float32) + delta).astype(value.dtype))
+            sites = targets.get(".".join(str(p) for p in path))
+            if sites:
+                value = (value.astype(jnp.float32) + delta(value, sites, flat_adapters)).astype(value.dtype)
             leaves.append((path, var.replace(value)))
         return nnx.from_flat_state(leaves)
 

@@ -66,46 +66,89 @@ def model_configs(config: config_lib.RunConfig) -> dict[str, Any]:
 
 
 def fsdp_floor(params: Any, shardings: Any, compute_dtype: Any, *, sampler, grpo_cfg, remat: bool,
-               updates: int, frozen: Any = None, frozen_shardings: Any = None) -> dict[str, int]:
-    """Collective output bytes per device that FSDP cannot avoid, per step.
+               updates: int, frozen: Any = None, frozen_shardings: Any = None,
+               tensor_parallel: int = 0, rows: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    """Collective output bytes per device that FSDP (and tensor parallelism) cannot avoid, per step.
 
-    Every forward pass gathers each sharded weight whole, in the compute dtype;
-    training gathers again for the backward pass when blocks are rematerialised,
-    and reduce-scatters each gradient (fp32, one shard's bytes) once per
-    forward/backward pass (micro-batches x timestep chunks). ``frozen`` (LoRA's
-    base) is gathered like the params but has no gradient.
+    Every forward pass gathers each sharded weight, in the compute dtype: the
+    whole weight, or with tensor parallelism the device's "tensor" shard of a
+    tensor-parallel one (gathered over "fsdp"); training gathers again for the
+    backward pass when blocks are rematerialised, and reduce-scatters each
+    gradient (fp32, one shard's bytes) once per forward/backward pass
+    (micro-batches x timestep chunks). ``frozen`` (LoRA's base) is gathered like
+    the params but has no gradient.
+
+    ``tensor_parallel``: :func:`tensor_parallel_bytes` of one forward pass over
+    one row, 0 without tensor parallelism; ``rows``: the rows (samples x
+    timesteps) per device of a sampling step and of a training pass. Sampling
+    adds one forward pass's all-reduces per step; a training pass adds its
+    forward's, the rematerialised forward's and the backward's (the column-parallel
+    linears' input gradients, as many as the forward's).
     """
     gathered = scattered = 0
     trees = [(params, shardings, True), (frozen, frozen_shardings, False)]
     for tree, tree_shardings, trained in trees:
         for leaf, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)):
             if any(axis is not None for axis in s.spec):
-                gathered += math.prod(leaf.shape) * jnp.dtype(compute_dtype).itemsize
+                gathered += math.prod(_gathered_shape(tuple(leaf.shape), s)) * jnp.dtype(compute_dtype).itemsize
                 if trained:
                     scattered += math.prod(s.shard_shape(tuple(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
     k = grpo_cfg.num_train_timesteps(sampler.num_steps)
     passes = grpo_cfg.micro_batches * (k // grpo_cfg.timestep_chunk)
+    forwards = 2 if remat else 1
     return {
-        "sampling": sampler.num_steps * gathered,
-        "training": updates * passes * ((2 if remat else 1) * gathered + scattered),
+        "sampling": sampler.num_steps * (gathered + tensor_parallel * rows[0]),
+        "training": updates * passes * (forwards * gathered + scattered
+                                        + (forwards + 1) * tensor_parallel * rows[1]),
+        "tensor-parallel all-reduces (sampling)": sampler.num_steps * tensor_parallel * rows[0],
+        "tensor-parallel all-reduces (training)": updates * passes * (forwards + 1) * tensor_parallel * rows[1],
     }
 
 
+def _gathered_shape(shape: tuple[int, ...], s) -> tuple[int, ...]:
+    """A weight's shape once gathered for use: a dimension split over "fsdp" (alone
+    or with "tensor": FSDP over both) comes whole; a tensor-parallel split stays."""
+    out = list(shape)
+    for dim, axes in enumerate(tuple(s.spec)):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if "fsdp" not in names:
+            out[dim] //= math.prod(s.mesh.shape[a] for a in names)
+    return tuple(out)
+
+
+def tensor_parallel_bytes(cfg: flux.FluxConfig, mesh, tokens: int, itemsize: int) -> int:
+    """Output bytes per device of one forward pass's tensor-parallel all-reduces, per batch row.
+
+    Every row-parallel linear's output ``[rows, L, hidden]`` is summed over
+    "tensor": per double block the img and txt attention projections and MLPs
+    (twice the joint ``tokens``), per single block linear2 (``tokens``). 0 when
+    ``mesh.tensor == 1``.
+    """
+    if mesh.shape["tensor"] == 1:
+        return 0
+    return tokens * cfg.hidden_size * itemsize * (2 * cfg.depth + cfg.depth_single)
+
+
 def sharded_shapes(params: Any, shardings: Any) -> list[tuple[int, ...]]:
-    """Shapes of the sharded parameters and of one layer of each (stacked blocks)."""
+    """Shapes of the sharded parameters' gradients before their reduction over the
+    batch devices, and of one layer of each (stacked blocks): the whole parameter,
+    or its "tensor" shard under tensor parallelism."""
     shapes = []
     for leaf, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
         if any(axis is not None for axis in s.spec):
-            shapes.append(tuple(leaf.shape))
-            if len(leaf.shape) >= 3:
-                shapes.append(tuple(leaf.shape[1:]))
+            shape = _gathered_shape(tuple(leaf.shape), s)
+            shapes.append(shape)
+            if len(shape) >= 3:
+                shapes.append(shape[1:])
     return shapes
 
 
 def as_reduce_scatters(collectives: dict[str, Any], mesh) -> float:
     """Collective bytes with each gradient all-reduce replaced by the reduce-scatter
     a GPU/TPU compile makes of it: one fsdp shard of the output (plus an
-    all-reduce of that shard over ``data`` when the mesh has data parallelism)."""
+    all-reduce of that shard over ``data`` when the mesh has data parallelism). With
+    ``mesh.tensor > 1`` a parameter FSDP-split over fsdp x tensor reduce-scatters
+    to 1/tensor of that shard: counted as the larger fsdp shard, an overcount."""
     grads = collectives.get(program_analysis.GRADIENT_ALL_REDUCE, 0)
     per_shard = grads / mesh.shape["fsdp"]
     return collectives["total"] - grads + per_shard * (1 if mesh.shape["data"] == 1 else 2)
@@ -262,9 +305,13 @@ def _build_report(config: config_lib.RunConfig, mesh) -> dict[str, Any]:
 
     # XLA's CPU backend upcasts bf16 dots to f32 and gathers the weights in f32;
     # GPU/TPU compiles gather in the compute dtype. The simulated floor uses f32.
+    batch_devices = sharding.batch_parallelism(mesh)
     floor = fsdp_floor(abstract_state["params"], state_shardings["params"], jnp.float32,
                        sampler=sampler, grpo_cfg=grpo_cfg, remat=bool(config.model.remat), updates=updates,
-                       frozen=base, frozen_shardings=base_shardings)
+                       frozen=base, frozen_shardings=base_shardings,
+                       tensor_parallel=tensor_parallel_bytes(tc, mesh, seq + txt_len, 4),
+                       rows=(batch // batch_devices,
+                             per_update // grpo_cfg.micro_batches * grpo_cfg.timestep_chunk // batch_devices))
     params_b = state_lib.per_device_bytes(abstract_state["params"], state_shardings["params"])
     opt_b = state_lib.per_device_bytes(abstract_state["opt_state"], state_shardings["opt_state"])
     frozen_b = sum(frozen_bytes.values())
@@ -307,6 +354,7 @@ def _build_report(config: config_lib.RunConfig, mesh) -> dict[str, Any]:
             "training (gradient all-reduces as reduce-scatters)": updates * coll_t_pod / 1e9,
             "FSDP floor (sampling)": floor["sampling"] / 1e9,
             "FSDP floor (training)": floor["training"] / 1e9,
+            **{f"{k} in the floor": v / 1e9 for k, v in floor.items() if k.startswith("tensor-parallel")},
             "note": "simulated on CPU, where XLA gathers bf16-computed weights in f32 (on GPU/TPU "
                     "the gathers of a bf16 compute_dtype move half these bytes) and keeps each sharded "
                     "gradient as a whole-size all-reduce and a slice, which the GPU/TPU compilers turn "
@@ -349,6 +397,10 @@ def report_markdown(r: dict[str, Any], command: str) -> str:
         f"{coll['training (gradient all-reduces as reduce-scatters)']:.4g} GB = "
         f"{coll['training (gradient all-reduces as reduce-scatters)'] / max(coll['FSDP floor (training)'], 1e-9):.2f}x "
         "with the gradient all-reduces as the reduce-scatters GPU/TPU compile them to)",
+        *([f"- of the floor, tensor-parallel activation all-reduces: sampling "
+           f"{coll['tensor-parallel all-reduces (sampling) in the floor']:.4g} GB, training "
+           f"{coll['tensor-parallel all-reduces (training) in the floor']:.4g} GB"]
+          if r["mesh"].get("tensor", 1) > 1 else []),
         f"- compile time here: sampling {r['compile_seconds']['sampling']:.0f} s, training "
         f"{r['compile_seconds']['training']:.0f} s",
         f"- not counted: {r['not_counted']}",

@@ -11,13 +11,22 @@ This size-based rule (big_vision's "fsdp" strategy) needs no per-parameter
 annotations, so it applies unchanged to the transformer, reward models and
 optimizer moments, and to checkpoints converted from diffusers or BFL files.
 
-``sharding.rules`` (a list of ``(regex, spec)``) overrides it per tensor: the
+With ``mesh.tensor > 1`` the FLUX blocks are tensor-parallel (Megatron): the
+column-parallel linears (the head-grouped qkv and single-block linear1, the
+MLP's first linear) split their output features over "tensor", the
+row-parallel ones (attention output projection, the MLP's second linear, the
+single block's linear2) their input features, and FSDP splits the other
+dimension (:data:`TENSOR_PARALLEL`, :func:`tensor_parallel_spec`). Each device
+then gathers only its tensor shard of a weight, over "fsdp", and computes its
+heads and MLP slice; the activations' "heads"/"mlp" logical axes map to
+"tensor" (:data:`DEFAULT_ACTIVATION_RULES`). Other parameters are FSDP-split
+over "fsdp" x "tensor" (over "fsdp" alone when no dimension divides).
+
+``sharding.rules`` (a list of ``(regex, spec)``) overrides both per tensor: the
 first regex that *searches* the tensor's path (``double_blocks/img_attn/qkv/
 kernel``; optimizer moments contain their parameter's path) gives its spec, a
-tuple of mesh axis names or None per dimension (e.g. ``(None, None, "tensor")``
-for column-parallel stacked kernels). Tensors no rule names fall back to FSDP;
-with ``mesh.tensor > 1`` and no rules, parameters are replicated over "tensor"
-and start-up says so.
+tuple of mesh axis names or None per dimension. Tensors no rule names fall back
+to the tensor-parallel specs, then to FSDP.
 """
 
 from __future__ import annotations
@@ -110,6 +119,18 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def logical_size(name: str) -> int:
+    """How many shards the active :func:`activation_sharding` splits logical axis
+    ``name`` into (1 outside one)."""
+    active = _ACTIVATIONS.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    axes = rules.get(name)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+
+
 def logical_spec(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[Mesh, P] | None:
     """The active :func:`activation_sharding`'s mesh and the spec the logical
     axes of an array of ``shape`` map to (``None`` outside one).
@@ -125,10 +146,8 @@ def logical_spec(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[M
         raise ValueError(f"{len(logical)} logical axes for an array of shape {tuple(shape)}")
     spec = []
     for dim, name in zip(shape, logical):
-        axes = rules.get(name) if name else None
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        spec.append(axes if names and size > 1 and dim % size == 0 else None)
+        size = logical_size(name) if name else 1
+        spec.append(rules[name] if size > 1 and dim % size == 0 else None)
     return mesh, P(*spec)
 
 
@@ -165,15 +184,17 @@ def batch_parallelism(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
-    """PartitionSpec splitting the largest ``fsdp``-divisible dim of a tensor."""
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int,
+              axes: str | tuple[str, ...] = "fsdp") -> P:
+    """PartitionSpec splitting the largest dim of a tensor divisible by ``fsdp_size``
+    (the size of the mesh ``axes`` it is split over)."""
     if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
         return P()
     order = sorted(range(len(shape)), key=lambda i: -shape[i])
     for dim in order:
         if shape[dim] % fsdp_size == 0:
             spec = [None] * len(shape)
-            spec[dim] = "fsdp"
+            spec[dim] = axes
             return P(*spec)
     return P()
 
@@ -191,11 +212,55 @@ def path_string(path: tuple) -> str:
     return "/".join(parts)
 
 
+# Megatron tensor parallelism of the FLUX blocks (stacked kernels are
+# [layers, in, out], biases [layers, out]): "column" linears split their output
+# features over "tensor" (whole heads: the fused ones are stored head-grouped,
+# see flux.HeadGrouped), "row" linears their input features; the row-parallel
+# outputs are summed over "tensor" by one all-reduce each.
+TENSOR_PARALLEL = (
+    (r"(double_blocks/(img|txt)_(attn/qkv|mlp/0)|single_blocks/linear1)/(kernel|bias)$", "column"),
+    (r"(double_blocks/(img|txt)_(attn/proj|mlp/2)|single_blocks/linear2)/kernel$", "row"),
+)
+
+
+def tensor_parallel_spec(path: str, shape: tuple[int, ...], mesh_sizes: dict[str, int], *,
+                         min_size: int) -> P | None:
+    """The tensor-parallel spec of a FLUX block linear's kernel or bias; None for
+    any other tensor, with ``mesh.tensor == 1``, or when "tensor" does not divide
+    the split dimension (the tensor then falls back to FSDP).
+
+    A kernel's other matrix dimension is split over "fsdp" (when it divides and
+    the tensor has ``min_size`` elements): gathering over "fsdp" gives each
+    device its tensor shard, never the whole weight.
+    """
+    tensor = mesh_sizes.get("tensor", 1)
+    if tensor == 1 or len(shape) < 2:
+        return None
+    path = path.removesuffix("/value")  # nnx.State leaves are Variables: .../kernel/value
+    kind = next((k for pattern, k in TENSOR_PARALLEL if re.search(pattern, path)), None)
+    if kind is None:
+        return None
+    is_bias = path.endswith("bias")
+    split = len(shape) - (2 if kind == "row" and not is_bias else 1)
+    if shape[split] % tensor:
+        return None
+    spec: list[str | None] = [None] * len(shape)
+    spec[split] = "tensor"
+    other = len(shape) - (1 if split == len(shape) - 2 else 2)
+    fsdp = mesh_sizes.get("fsdp", 1)
+    if (not is_bias and fsdp > 1 and shape[other] % fsdp == 0
+            and int(np.prod(shape, dtype=np.int64)) >= min_size):
+        spec[other] = "fsdp"
+    return P(*spec)
+
+
 def partition_spec(
     path: str, shape: tuple[int, ...], mesh_sizes: dict[str, int], *, min_size: int,
     rules: Sequence[tuple[str, Sequence[str | None]]] = (),
 ) -> P:
-    """The PartitionSpec of one tensor: the first matching rule, else FSDP-by-size."""
+    """The PartitionSpec of one tensor: the first matching rule, else the
+    tensor-parallel spec (``mesh.tensor > 1``), else FSDP-by-size (over
+    "fsdp" x "tensor" when ``mesh.tensor > 1`` and a dimension divides)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = tuple(spec)
@@ -211,6 +276,16 @@ def partition_spec(
                         f"(size {mesh_sizes[axis]}), which does not divide {dim}"
                     )
             return P(*spec)
+    tensor_parallel = tensor_parallel_spec(path, shape, mesh_sizes, min_size=min_size)
+    if tensor_parallel is not None:
+        return tensor_parallel
+    tensor = mesh_sizes.get("tensor", 1)
+    if tensor > 1:
+        # Not tensor-parallel: FSDP over fsdp x tensor when a dimension allows,
+        # so "tensor" divides its memory too (the gather brings it whole either way).
+        spec = fsdp_spec(shape, mesh_sizes["fsdp"] * tensor, min_size, axes=("fsdp", "tensor"))
+        if spec != P():
+            return spec
     return fsdp_spec(shape, mesh_sizes["fsdp"], min_size)
 
 

@@ -159,8 +159,9 @@ def startup_summary(config: config_lib.RunConfig, mesh, policy: state_lib.Policy
         f"memory estimate per device (the shards of params, optimizer state and frozen parts; "
         f"no activations): {per_device / 2**30:.3f} GiB"
     )
-    if mesh.shape["tensor"] > 1 and not config.sharding.rules:
-        lines.append("note: mesh.tensor > 1 without sharding.rules replicates parameters over 'tensor'")
+    if mesh.shape["tensor"] > 1:
+        lines.append(f"tensor parallelism over {mesh.shape['tensor']} devices: the FLUX blocks' heads and MLP "
+                     "hidden are split over 'tensor'; other parameters are FSDP-split over fsdp x tensor")
     t = config.train
     lines.append(
         f"per step: {t.prompts_per_step} prompts x {t.group_size} images, {sampler.num_steps} SDE "

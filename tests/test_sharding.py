@@ -33,8 +33,9 @@ def test_rules_override_fsdp_and_are_checked():
     # Adam moments carry the parameter's path inside theirs: the same rule applies.
     moment = "opt_state/inner_state/1/0/mu/single_blocks/linear1/kernel"
     assert sharding.partition_spec(moment, (38, 3072, 21504), SIZES, min_size=1, rules=rules) == spec
-    # Unnamed tensors fall back to FSDP-by-size.
-    assert sharding.partition_spec("img_in/kernel", (64, 3072), SIZES, min_size=1, rules=rules) == P(None, "fsdp")
+    # Unnamed tensors fall back to FSDP-by-size (over fsdp x tensor: this mesh has tensor = 2).
+    assert sharding.partition_spec("img_in/kernel", (64, 3072), SIZES, min_size=1, rules=rules) == P(
+        None, ("fsdp", "tensor"))
     with pytest.raises(ValueError, match="one entry per dimension"):
         sharding.partition_spec("single_blocks/linear1/kernel", (3072, 21504), SIZES, min_size=1, rules=rules)
     with pytest.raises(ValueError, match="does not divide 21505"):

@@ -5,6 +5,11 @@ Follows the original Black Forest Labs implementation (``flux/model.py``,
 checkpoints map onto the NNX state almost by identity, and diffusers
 ``FluxTransformer2DModel`` checkpoints through :func:`map_diffusers`.
 
+The fused linears (the double block's qkv, the single block's linear1 and
+linear2) are stored head-grouped rather than in BFL's contiguous order (per
+head its q, k, v and MLP slice: :class:`HeadGrouped`), so that a split over the
+"tensor" mesh axis is whole heads; the loaders and exporters convert.
+
 The 19 double-stream and 38 single-stream blocks are each one module whose
 parameters carry a leading layer axis (created with ``nnx.vmap``) and are
 applied with ``nnx.scan``, so compile time does not grow with depth;
@@ -56,7 +61,7 @@ from prefgrpo_jax.convert import (
     stack_layers,
 )
 from prefgrpo_jax.lazy_tensors import LazyTensor
-from prefgrpo_jax.sharding import constrain, logical_spec
+from prefgrpo_jax.sharding import constrain, logical_size, logical_spec
 
 __all__ = [
     "FluxConfig",
@@ -71,7 +76,10 @@ __all__ = [
     "abstract_transformer",
     "diffusers_config",
     "LoraSpec",
+    "LoraSite",
     "lora_layout",
+    "HeadGrouped",
+    "fused_layouts",
 ]
 
 # ---------------------------------------------------------------------------
@@ -137,6 +145,11 @@ class FluxConfig:
             )
         if self.mlp_hidden_dim < 1:
             raise ValueError(f"FluxConfig.mlp_ratio too small: {self.mlp_ratio}.")
+        if self.mlp_hidden_dim % self.num_heads:
+            raise ValueError(
+                f"FluxConfig: the MLP width hidden_size x mlp_ratio = {self.mlp_hidden_dim} must be "
+                f"divisible by num_heads ({self.num_heads}): the single block's fused linear1/linear2 "
+                "hold one MLP slice per head (see HeadGrouped); choose mlp_ratio accordingly.")
 
     @property
     def head_dim(self) -> int:
@@ -479,6 +492,87 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, pe: tuple[jax.Array, jax
 
 
 # ---------------------------------------------------------------------------
+# Head-grouped storage of the fused linears (what makes tensor parallelism work).
+#
+# BFL fuses projections along one axis: the double block's qkv output columns
+# are [q | k | v], the single block's linear1 columns [q | k | v | mlp_in] and
+# its linear2 input rows [attn | mlp_hidden]. A contiguous 1/T slice of such an
+# axis (all a NamedSharding over the "tensor" mesh axis can express) is all of
+# q and part of k, not whole heads. So we store these axes head-grouped: group
+# g (one per attention head) holds the g-th 1/H of every part, e.g. linear1's
+# columns are [q_0 k_0 v_0 mlp_0 | q_1 k_1 v_1 mlp_1 | ...] with q_g head g's D
+# columns and mlp_g the g-th 1/H of the MLP width. Any contiguous split into T
+# shards (T dividing H) is then whole heads with their own q, k, v and an MLP
+# slice: Megatron's column/row parallelism by plain shardings, one layout for
+# every mesh. Loaders and exporters convert from/to the checkpoints' contiguous
+# layout (:func:`fused_layouts`).
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadGrouped:
+    """An axis that holds parts of ``sizes`` (checkpoint order), stored in ``groups`` groups.
+
+    ``groups == 1`` is the contiguous layout itself.
+    """
+
+    sizes: tuple[int, ...]
+    groups: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "sizes", tuple(int(n) for n in self.sizes))
+        if any(n % self.groups for n in self.sizes):
+            raise ValueError(f"HeadGrouped: every part of {self.sizes} must split into {self.groups} groups.")
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        """``(contiguous start, length)`` of every stored block, in storage order."""
+        starts = np.cumsum((0,) + self.sizes[:-1])
+        return [(int(start) + g * (n // self.groups), n // self.groups)
+                for g in range(self.groups) for start, n in zip(starts, self.sizes)]
+
+    def from_contiguous(self, x: Any, axis: int = -1, concatenate: Callable = np.concatenate) -> Any:
+        """Checkpoint (contiguous) layout -> ours along ``axis``: slices and one
+        ``concatenate`` (numpy's, jax's or ``lazy_tensors.concatenate``)."""
+        return concatenate([_axis_slice(x, axis, a, a + n) for a, n in self._blocks()], axis=axis)
+
+    def to_contiguous(self, x: Any, axis: int = -1, concatenate: Callable = np.concatenate) -> Any:
+        """The inverse of :meth:`from_contiguous`."""
+        blocks = self._blocks()
+        stored = np.cumsum([0] + [n for _, n in blocks])
+        order = sorted(range(len(blocks)), key=lambda i: blocks[i][0])
+        return concatenate([_axis_slice(x, axis, stored[i], stored[i] + blocks[i][1]) for i in order],
+                           axis=axis)
+
+    def group(self, parts: list[jax.Array]) -> jax.Array:
+        """Separate parts ``[..., sizes[i]]`` -> ``[..., sum(sizes)]`` in our layout (reshapes: an
+        activation sharded by heads stays so)."""
+        split = [p.reshape(*p.shape[:-1], self.groups, -1) for p in parts]
+        out = jnp.concatenate(split, axis=-1)
+        return out.reshape(*out.shape[:-2], -1)
+
+
+def _axis_slice(x: Any, axis: int, start: int, stop: int) -> Any:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(int(start), int(stop))
+    return x[tuple(index)]
+
+
+def fused_layouts(cfg: FluxConfig) -> dict[str, tuple[HeadGrouped, int]]:
+    """Our head-grouped parameters (dotted paths) -> ``(layout, axis)``; BFL and
+    diffusers checkpoints hold them contiguous (stacked layers lead: axis -1 is
+    the output columns of a kernel ``[n, in, out]`` or a bias, -2 its input rows)."""
+    h, m, heads = cfg.hidden_size, cfg.mlp_hidden_dim, cfg.num_heads
+    qkv, linear1 = HeadGrouped((h, h, h), heads), HeadGrouped((h, h, h, m), heads)
+    out = {}
+    for stream in ("img", "txt"):
+        for leaf in ("kernel", "bias"):
+            out[f"double_blocks.{stream}_attn.qkv.{leaf}"] = (qkv, -1)
+    for leaf in ("kernel", "bias"):
+        out[f"single_blocks.linear1.{leaf}"] = (linear1, -1)
+    out["single_blocks.linear2.kernel"] = (HeadGrouped((h, m), heads), -2)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # LoRA adapters (peft's LoRA on diffusers' module names).
 #
 # peft adapts a torch Linear ``W`` as ``W x + (alpha / r) B A x``. Our fused
@@ -573,15 +667,33 @@ class Adapters(nnx.Module):
             lora_key(m): nnx.LoRA(din, spec.rank, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for m, (din, dout) in shapes.items()})
 
-    def fused(self, modules: tuple[str, ...], sizes: tuple[int, ...], x: jax.Array,
+    def fused(self, modules: tuple[str, ...], layout: HeadGrouped, x: jax.Array,
               y: jax.Array) -> jax.Array:
-        """``y [..., sum(sizes)]`` (a fused linear of ``x``) plus each module's delta on its slice."""
+        """``y [..., sum(layout.sizes)]`` (a fused linear of ``x``, in ``layout``) plus each
+        module's delta on its part."""
         keys = [lora_key(m) for m in modules]
         if not any(k in self.layers for k in keys):
             return y
         parts = [self.scale * self.layers[k](x) if k in self.layers
-                 else jnp.zeros(x.shape[:-1] + (size,), y.dtype) for k, size in zip(keys, sizes)]
-        return y + jnp.concatenate(parts, axis=-1).astype(y.dtype)
+                 else jnp.zeros(x.shape[:-1] + (size,), y.dtype) for k, size in zip(keys, layout.sizes)]
+        return y + layout.group([p.astype(y.dtype) for p in parts])
+
+    def split_input(self, module: str, xs: list[jax.Array], y: jax.Array) -> jax.Array:
+        """``y`` plus ``module``'s delta on an input given in pieces ``xs`` (diffusers'
+        input order, e.g. the single block's attention output and MLP hidden).
+
+        ``x @ a`` is summed over the pieces' row blocks of ``a``, so no piece is
+        concatenated: each keeps its (heads / MLP) sharding, and the sum is a
+        rank-sized all-reduce.
+        """
+        key = lora_key(module)
+        if key not in self.layers:
+            return y
+        layer = self.layers[key]
+        *xs, a, b = layer.promote_dtype((*xs, layer.lora_a[...], layer.lora_b[...]), dtype=layer.dtype)
+        cuts = np.cumsum([x.shape[-1] for x in xs])[:-1]
+        inner = sum(x @ rows for x, rows in zip(xs, jnp.split(a, cuts, axis=0)))
+        return y + (self.scale * (inner @ b)).astype(y.dtype)
 
 
 def _adapters(spec: LoraSpec | None, kind: str, shapes: dict[str, tuple[int, int]], **kw
@@ -593,45 +705,69 @@ def _adapters(spec: LoraSpec | None, kind: str, shapes: dict[str, tuple[int, int
     return Adapters({m: shapes[m] for m in adapted}, spec, **kw)
 
 
-def _adapt(adapters: Adapters | None, modules: tuple[str, ...], sizes: tuple[int, ...],
+def _adapt(adapters: Adapters | None, modules: tuple[str, ...], layout: HeadGrouped | int,
            x: jax.Array, y: jax.Array) -> jax.Array:
-    return y if adapters is None else adapters.fused(modules, sizes, x, y)
+    """``layout``: the fused output's, or the width of an unfused linear's output."""
+    if isinstance(layout, int):
+        layout = HeadGrouped((layout,), 1)
+    return y if adapters is None else adapters.fused(modules, layout, x, y)
 
 
-def lora_layout(cfg: FluxConfig) -> dict[tuple[str, str], tuple[str, int, int]]:
-    """``(kind, diffusers module) -> (our base linear, first, last output column)``.
+@dataclasses.dataclass(frozen=True)
+class LoraSite:
+    """Where a diffusers module's adapter delta lands in our weights.
 
-    Where each adapter's delta lands in our (possibly fused) linears: what a
-    merged export adds ``scale * A @ B`` to. ``kind`` indexes :data:`LORA_PREFIXES`;
-    base linears are paths under ``double_blocks``/``single_blocks``/the model.
+    Attributes:
+      linear: our base linear (dotted path under the model).
+      part: the module's part of that linear's output columns.
+      columns, rows: the layouts of the linear's output and input axes
+        (:class:`HeadGrouped`; ``groups == 1`` where not fused).
     """
+
+    linear: str
+    part: int
+    columns: HeadGrouped
+    rows: HeadGrouped
+
+    @property
+    def out_features(self) -> int:
+        return self.columns.sizes[self.part]
+
+
+def lora_layout(cfg: FluxConfig) -> dict[tuple[str, str], LoraSite]:
+    """``(kind, diffusers module) -> LoraSite``: what a merged export adds
+    ``scale * A @ B`` to. ``kind`` indexes :data:`LORA_PREFIXES`; base linears
+    are paths under ``double_blocks``/``single_blocks``/the model."""
     h, m = cfg.hidden_size, cfg.mlp_hidden_dim
+    grouped = fused_layouts(cfg)
+
+    def site(linear: str, part: int = 0, width: int = h, rows: int = h) -> LoraSite:
+        fused = grouped.get(f"{linear}.kernel")
+        columns = fused[0] if fused and fused[1] == -1 else HeadGrouped((width,), 1)
+        return LoraSite(linear, part, columns, HeadGrouped((rows,), 1))
+
     layout = {}
     for stream, (q, k, v, o), ff in (
         ("img", ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"), "ff"),
         ("txt", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"), "ff_context"),
     ):
         for i, name in enumerate((q, k, v)):
-            layout["double", name] = (f"double_blocks.{stream}_attn.qkv", i * h, (i + 1) * h)
-        layout["double", o] = (f"double_blocks.{stream}_attn.proj", 0, h)
-        layout["double", f"{ff}.net.0.proj"] = (f"double_blocks.{stream}_mlp.0", 0, m)
-        layout["double", f"{ff}.net.2"] = (f"double_blocks.{stream}_mlp.2", 0, h)
-    for i, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
-        layout["single", name] = ("single_blocks.linear1", i * h, (i + 1) * h)
-    layout["single", "proj_mlp"] = ("single_blocks.linear1", 3 * h, 3 * h + m)
-    layout["single", "proj_out"] = ("single_blocks.linear2", 0, h)
-    layout["final", "proj_out"] = ("final_layer.linear", 0, cfg.out_channels)
+            layout["double", name] = site(f"double_blocks.{stream}_attn.qkv", i)
+        layout["double", o] = site(f"double_blocks.{stream}_attn.proj")
+        layout["double", f"{ff}.net.0.proj"] = site(f"double_blocks.{stream}_mlp.0", width=m)
+        layout["double", f"{ff}.net.2"] = site(f"double_blocks.{stream}_mlp.2", rows=m)
+    for i, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
+        layout["single", name] = site("single_blocks.linear1", i)
+    layout["single", "proj_out"] = dataclasses.replace(
+        site("single_blocks.linear2"), rows=grouped["single_blocks.linear2.kernel"][0])
+    layout["final", "proj_out"] = site("final_layer.linear", width=cfg.out_channels)
     return layout
 
 
 def lora_shapes(cfg: FluxConfig, kind: str) -> dict[str, tuple[int, int]]:
     """``diffusers module -> (in, out)`` features of ``kind``'s adaptable linears."""
-    h, m = cfg.hidden_size, cfg.mlp_hidden_dim
-    din = {"ff.net.2": m, "ff_context.net.2": m}
-    if kind == "single":
-        din = {"proj_out": h + m}
-    return {name: (din.get(name, h), stop - start)
-            for (k, name), (_, start, stop) in lora_layout(cfg).items() if k == kind}
+    return {name: (sum(site.rows.sizes), site.out_features)
+            for (k, name), site in lora_layout(cfg).items() if k == kind}
 
 
 # ---------------------------------------------------------------------------
@@ -677,26 +813,41 @@ class QKNorm(nnx.Module):
         return self.query_norm(q), self.key_norm(k)
 
 
-# A fused projection's output [B, L, features], pinned to its batch rows: left
-# free, XLA computes it sharded over the features like its FSDP weight (moving
-# the activations instead of the weight) and all-to-alls it back before the
-# split. Measured at full size on 8 devices: 1.9 TB per train step.
-FUSED_OUT = ("batch", "length", None)
+# Logical axes of the activations (sharding.constrain; mesh axes from
+# sharding.activation_rules). The block carries and the fused projections'
+# outputs are pinned to their batch rows: left free, XLA's propagation follows
+# the FSDP-sharded weights into the activations and moves them (e.g. the fused
+# outputs were computed sharded over their features and all-to-all'd back: 1.9
+# TB per train step at full size on 8 devices); the row-parallel linears' inputs
+# and outputs only under tensor parallelism (_constrain_tensor_parallel).
+# "heads" and "mlp" map to the "tensor" mesh axis: with
+# mesh.tensor > 1 each device computes its heads and MLP slice (column-parallel
+# qkv / linear1 / mlp.0, head-grouped, see HeadGrouped) and the row-parallel
+# projections back to TOKENS sum over "tensor" (one all-reduce each).
+TOKENS = ("batch", "length", "embed")
+HEADS = ("batch", "length", "heads", None)  # [B, L, H, per-head features]
+HEADS_FLAT = ("batch", "length", "heads")  # [B, L, H x per-head features], head-major
+MLP_HIDDEN = ("batch", "length", "mlp")
 
 
-def _split_heads(qkv: jax.Array, num_heads: int, norm: QKNorm) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``qkv [B, L, 3 x hidden]`` (batch-pinned) -> normed q, k and v, each ``[B, L, H, D]``."""
-    q, k, v = (a.reshape(*a.shape[:2], num_heads, -1) for a in jnp.split(qkv, 3, axis=-1))
-    q, k = norm(q, k)
-    return q, k, v
+def _constrain_tensor_parallel(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
+    """``constrain`` where only tensor parallelism needs it (the heads-sharded inputs
+    and summed outputs of the row-parallel linears); left to XLA at mesh.tensor == 1,
+    where pinning them measured 1.3 TB more per train step at full size on 8 devices
+    (more weight gathers and gradient all-reduces than with them free)."""
+    return constrain(x, logical) if logical_size("heads") > 1 else x
 
 
 class SelfAttention(nnx.Module):
-    """qkv projection + per-head QK RMSNorm + output projection (attention is joint)."""
+    """qkv projection + per-head QK RMSNorm + output projection (attention is joint).
+
+    ``qkv`` is stored head-grouped (:class:`HeadGrouped`): per head its q, k, v.
+    """
 
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
         h = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.layout = HeadGrouped((h, h, h), cfg.num_heads)
         self.qkv = _linear(h, 3 * h, use_bias=cfg.qkv_bias, rngs=rngs, dtype=dtype,
                            param_dtype=param_dtype)
         self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
@@ -708,9 +859,18 @@ class SelfAttention(nnx.Module):
 
         ``adapters``/``modules``: the block's LoRA and the diffusers names of q, k, v.
         """
-        h = x.shape[-1]
-        qkv = _adapt(adapters, modules, (h, h, h), x, self.qkv(x))
-        return _split_heads(constrain(qkv, FUSED_OUT), self.num_heads, self.norm)
+        b, length, _ = x.shape
+        qkv = _adapt(adapters, modules, self.layout, x, self.qkv(x))
+        qkv = constrain(qkv.reshape(b, length, self.num_heads, -1), HEADS)  # [B, L, H, 3D]
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+    def out(self, attn: jax.Array, adapters: Adapters | None, module: str) -> jax.Array:
+        """Row-parallel output projection of ``attn [B, L, H x D]`` (heads-sharded) -> tokens."""
+        attn = _constrain_tensor_parallel(attn, HEADS_FLAT)
+        return _constrain_tensor_parallel(_adapt(adapters, (module,), attn.shape[-1], attn, self.proj(attn)),
+                                          TOKENS)
 
 
 class Modulation(nnx.Module):
@@ -739,10 +899,14 @@ def _mlp(cfg: FluxConfig, *, rngs, dtype, param_dtype) -> nnx.List:
 
 def _apply_mlp(mlp: nnx.List, x: jax.Array, adapters: Adapters | None = None,
                modules: tuple[str, str] = ("", "")) -> jax.Array:
-    """``modules``: diffusers names of the two linears (``ff.net.0.proj``, ``ff.net.2``)."""
-    hidden = _adapt(adapters, modules[:1], (mlp[0].out_features,), x, mlp[0](x))
-    hidden = nnx.gelu(hidden, approximate=True)
-    return _adapt(adapters, modules[1:], (mlp[2].out_features,), hidden, mlp[2](hidden))
+    """Column-parallel ``mlp.0``, row-parallel ``mlp.2``.
+
+    ``modules``: diffusers names of the two linears (``ff.net.0.proj``, ``ff.net.2``).
+    """
+    hidden = _adapt(adapters, modules[:1], mlp[0].out_features, x, mlp[0](x))
+    hidden = _constrain_tensor_parallel(nnx.gelu(hidden, approximate=True), MLP_HIDDEN)
+    return _constrain_tensor_parallel(
+        _adapt(adapters, modules[1:], mlp[2].out_features, hidden, mlp[2](hidden)), TOKENS)
 
 
 class DoubleStreamBlock(nnx.Module):
@@ -779,12 +943,11 @@ class DoubleStreamBlock(nnx.Module):
         n_txt = txt.shape[1]
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
-        h = img.shape[-1]
-        img_out = _adapt(self.lora, ("attn.to_out.0",), (h,), img_attn, self.img_attn.proj(img_attn))
+        img_out = self.img_attn.out(img_attn, self.lora, "attn.to_out.0")
         img = img + i_gate1 * img_out
         img = img + i_gate2 * _apply_mlp(self.img_mlp, (1 + i_scale2) * _layer_norm(img) + i_shift2,
                                          self.lora, ("ff.net.0.proj", "ff.net.2"))
-        txt_out = _adapt(self.lora, ("attn.to_add_out",), (h,), txt_attn, self.txt_attn.proj(txt_attn))
+        txt_out = self.txt_attn.out(txt_attn, self.lora, "attn.to_add_out")
         txt = txt + t_gate1 * txt_out
         txt = txt + t_gate2 * _apply_mlp(self.txt_mlp, (1 + t_scale2) * _layer_norm(txt) + t_shift2,
                                          self.lora, ("ff_context.net.0.proj", "ff_context.net.2"))
@@ -799,9 +962,11 @@ class SingleStreamBlock(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         h = cfg.hidden_size
         self.lora = _adapters(lora, "single", lora_shapes(cfg, "single"), **kw)
-        self.hidden_size = h
-        self.mlp_hidden_dim = cfg.mlp_hidden_dim
         self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        # Head-grouped (HeadGrouped): per head its q, k, v and MLP slice in
+        # linear1's columns, its attention output and MLP slice in linear2's rows.
+        self.layout = HeadGrouped((h, h, h, cfg.mlp_hidden_dim), cfg.num_heads)
         self.linear1 = _linear(h, 3 * h + cfg.mlp_hidden_dim, **kw)
         self.linear2 = _linear(h + cfg.mlp_hidden_dim, h, **kw)
         self.norm = QKNorm(cfg.head_dim, param_dtype=param_dtype)
@@ -811,15 +976,22 @@ class SingleStreamBlock(nnx.Module):
                  attend: Callable[..., jax.Array]) -> jax.Array:
         shift, scale, gate = self.modulation(vec)
         x_mod = (1 + scale) * _layer_norm(x) + shift
-        h, m = self.hidden_size, self.mlp_hidden_dim
-        h1 = constrain(_adapt(self.lora, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), (h, h, h, m),
-                              x_mod, self.linear1(x_mod)), FUSED_OUT)
-        qkv, mlp = h1[..., :3 * self.hidden_size], h1[..., 3 * self.hidden_size:]
-        q, k, v = _split_heads(qkv, self.num_heads, self.norm)
-        attn = attend(q, k, v, pe)
-        hidden = jnp.concatenate([attn, nnx.gelu(mlp, approximate=True)], axis=-1)
-        out = _adapt(self.lora, ("proj_out",), (h,), hidden, self.linear2(hidden))
-        return x + gate * out
+        b, length, _ = x.shape
+        d = self.head_dim
+        h1 = _adapt(self.lora, ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), self.layout,
+                    x_mod, self.linear1(x_mod))
+        h1 = constrain(h1.reshape(b, length, self.num_heads, -1), HEADS)  # [B, L, H, 3D + M/H]
+        q, k, v, mlp = jnp.split(h1, [d, 2 * d, 3 * d], axis=-1)
+        q, k = self.norm(q, k)
+        attn = attend(q, k, v, pe).reshape(b, length, self.num_heads, d)
+        mlp = nnx.gelu(mlp, approximate=True)
+        hidden = _constrain_tensor_parallel(jnp.concatenate([attn, mlp], axis=-1).reshape(b, length, -1),
+                                            HEADS_FLAT)
+        out = self.linear2(hidden)
+        if self.lora is not None:  # its A's rows are diffusers' [attn | mlp]: fed in those pieces
+            out = self.lora.split_input("proj_out", [attn.reshape(b, length, -1), mlp.reshape(b, length, -1)],
+                                        out)
+        return x + gate * _constrain_tensor_parallel(out, TOKENS)
 
 
 class LastLayer(nnx.Module):
@@ -839,7 +1011,7 @@ class LastLayer(nnx.Module):
     def __call__(self, x: jax.Array, vec: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation[1](nnx.silu(vec)), 2, axis=-1)
         x = (1 + scale[:, None, :]) * _layer_norm(x) + shift[:, None, :]
-        return _adapt(self.lora, ("proj_out",), (self.linear.out_features,), x, self.linear(x))
+        return _adapt(self.lora, ("proj_out",), self.linear.out_features, x, self.linear(x))
 
 
 class FluxTransformer(nnx.Module):
@@ -914,10 +1086,17 @@ class FluxTransformer(nnx.Module):
         chex.assert_shape(timesteps, (b,))
         chex.assert_shape(y, (b, cfg.vec_dim))
         dt = self.dtype
+        heads_split = logical_size("heads")
+        if cfg.num_heads % heads_split:
+            divisors = [t for t in range(1, cfg.num_heads + 1) if cfg.num_heads % t == 0]
+            raise ValueError(
+                f"mesh.tensor={heads_split} (sharding.activation_rules 'heads') must divide the transformer's "
+                f"num_heads={cfg.num_heads}: tensor parallelism gives each device whole heads. Use mesh.tensor "
+                f"in {divisors}.")
 
         # Activations stay with their batch rows (a no-op outside
         # sharding.activation_sharding): only the FSDP weights move.
-        tokens = ("batch", "length", "embed")
+        tokens = TOKENS
         x = constrain(self.img_in(img.astype(dt)), tokens)
         vec = self.time_in(timestep_embedding(timesteps, 256).astype(dt))
         if cfg.guidance_embed:
@@ -1004,7 +1183,8 @@ def _swap_halves(a: LazyTensor | None) -> LazyTensor | None:
 
 
 def map_diffusers(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
-    """diffusers ``FluxTransformer2DModel`` state dict -> our NNX state paths."""
+    """diffusers ``FluxTransformer2DModel`` state dict -> our NNX state paths (fused
+    linears head-grouped, :func:`fused_layouts`)."""
     out: TensorMap = {}
     _put_linear(out, src, "img_in", "x_embedder")
     _put_linear(out, src, "txt_in", "context_embedder")
@@ -1050,11 +1230,21 @@ def map_diffusers(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
     put(out, "final_layer.adaLN_modulation.1.bias", "norm_out.linear.bias",
         _swap_halves(src.take("norm_out.linear.bias")))
     _put_linear(out, src, "final_layer.linear", "proj_out")
+    return _head_grouped(out, cfg)
+
+
+def _head_grouped(out: TensorMap, cfg: FluxConfig) -> TensorMap:
+    """The fused tensors of a contiguous-layout map rearranged into ours (lazily)."""
+    for key, (layout, axis) in fused_layouts(cfg).items():
+        if key in out:
+            source, tensor = out[key]
+            out[key] = (source, layout.from_contiguous(tensor, axis, lazy_tensors.concatenate))
     return out
 
 
 def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
-    """Original BFL single-file names (``flux1-dev.safetensors``) -> NNX state paths."""
+    """Original BFL single-file names (``flux1-dev.safetensors``) -> NNX state paths
+    (identical names; the fused linears rearranged head-grouped, :func:`fused_layouts`)."""
     out: TensorMap = {}
     top = ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer",
            "vector_in.in_layer", "vector_in.out_layer", "final_layer.linear",
@@ -1084,7 +1274,7 @@ def map_bfl(src: SourceTensors, cfg: FluxConfig) -> TensorMap:
         name = f"norm.{norm}.scale"
         put_stacked(out, f"single_blocks.{name}",
                     stack_layers(src, f"single_blocks.{{}}.{name}", cfg.depth_single))
-    return out
+    return _head_grouped(out, cfg)
 
 
 # ---------------------------------------------------------------------------
