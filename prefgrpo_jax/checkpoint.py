@@ -30,6 +30,25 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 KINDS = ("state", "params")
 DIRECTORIES = {"state": "checkpoints", "params": "params_checkpoints"}
+# What the stored tensors mean, written into every meta: 2 = FLUX's fused qkv /
+# linear1 / linear2 kernels head-grouped (models/flux.py ``fused_layouts``). The
+# checkpoints of earlier versions have no field and the same shapes in BFL's
+# contiguous order: restoring them would load wrong weights without an error.
+FORMAT = 2
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint written in a tensor layout this version does not read."""
+
+
+def check_format(meta: dict[str, Any], where: Path) -> None:
+    found = meta.get("format", 1)
+    if found != FORMAT:
+        raise CheckpointFormatError(
+            f"checkpoint {where} is in format {found}, this version reads format {FORMAT} (FLUX's fused "
+            "qkv/linear1/linear2 kernels stored head-grouped for tensor parallelism): its weights would "
+            "restore permuted. Re-train with this version, or restore it with the version that wrote it "
+            "and export (--mode=train finishes with a diffusers export) to start from that export")
 
 
 def _abstract(tree: Any) -> Any:
@@ -86,7 +105,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(**{
                 self.kind: ocp.args.StandardSave(tree),
-                "meta": ocp.args.JsonSave(json.loads(json.dumps(meta, default=str))),
+                "meta": ocp.args.JsonSave(json.loads(json.dumps({**meta, "format": FORMAT}, default=str))),
             }),
             force=True,
         )
@@ -106,7 +125,9 @@ class Checkpointer:
                 self.kind: ocp.args.StandardRestore(_abstract(like)), "meta": ocp.args.JsonRestore(),
             }),
         )
-        return restored[self.kind], dict(restored["meta"])
+        meta = dict(restored["meta"])
+        check_format(meta, self.directory / str(step))
+        return restored[self.kind], meta
 
     def restore_params(self, like: Any, step: int | None = None, *, subtree: str = "params") -> Any:
         """The params alone (no optimizer state is read), cast to ``like``'s dtypes.
@@ -121,7 +142,10 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{self.kind: args}))[self.kind]
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{self.kind: args, "meta": ocp.args.JsonRestore()}))
+        check_format(dict(restored["meta"]), self.directory / str(step))
+        restored = restored[self.kind]
         return restored[subtree] if self.kind == "state" else restored
 
     def reached_preemption(self, step: int) -> bool:
@@ -167,6 +191,8 @@ class Checkpointer:
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 restored = restore(step)
+            except CheckpointFormatError:
+                raise  # readable, but in another layout: an older one would be too
             except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types
                 reason = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
                 failures.append(f"step {step} ({self.directory / str(step)}): {reason}")

@@ -1,5 +1,6 @@
 """Resume falls back from an unreadable latest checkpoint to the newest readable one."""
 
+import json
 import logging
 import shutil
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefgrpo_jax.checkpoint import Checkpointer, CheckpointUnreadableError
+from prefgrpo_jax.checkpoint import Checkpointer, CheckpointFormatError, CheckpointUnreadableError
 
 
 def state_at(step):
@@ -62,6 +63,26 @@ def test_all_unreadable_lists_every_failure(three_checkpoints):
     msg = str(err.value)
     assert all(f"step {s} ({three_checkpoints / str(s)})" in msg for s in (1, 2, 3))
     assert "move the directory aside" in msg
+    ck.close()
+
+
+def test_a_checkpoint_of_the_old_layout_is_refused_not_skipped(three_checkpoints):
+    """Checkpoints written before FLUX's fused kernels were head-grouped have the same
+    shapes: they must not restore (permuted weights) nor be set aside as unreadable."""
+    meta_file = three_checkpoints / "3" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["format"] == 2
+    del meta["format"]  # as an earlier version wrote it
+    meta_file.write_text(json.dumps(meta))
+    ck = Checkpointer(three_checkpoints, keep=5, save_every=1)
+    with pytest.raises(CheckpointFormatError, match=r"checkpoint .*/3 is in format 1, this version reads format 2"):
+        ck.restore_newest_readable(state_at(0), set_aside=True)
+    assert 3 in ck._manager.all_steps()  # left where it was
+    assert ck.restore(state_at(0), 2)[1]["step"] == 2
+    ck.close()
+    ck = Checkpointer(three_checkpoints, keep=5, save_every=1)  # as sample/eval open it
+    with pytest.raises(CheckpointFormatError):
+        ck.restore_params_newest_readable(state_at(0)["params"])
     ck.close()
 
 
