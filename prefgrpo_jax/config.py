@@ -64,6 +64,9 @@ class _Checks:
 class Section:
     """A config section: typed fields, built from a mapping, checked by ``problems``."""
 
+    # The modes whose runs read this section (its values are checked only there); None: all.
+    checked_in: typing.ClassVar[tuple[str, ...] | None] = None
+
     @classmethod
     @functools.cache
     def subsections(cls) -> dict[str, type[Section]]:
@@ -126,6 +129,8 @@ class Section:
         return []
 
     def all_problems(self, path: str, mode: str) -> list[str]:
+        if self.checked_in is not None and mode not in self.checked_in:
+            return []
         found = self.problems(path, mode)
         for name in self.subsections():
             found += getattr(self, name).all_problems(f"{path}{name}.", mode)
@@ -557,10 +562,9 @@ class PlanConfig(Section):
     # cuDNN workspaces, allocator slack) and the decode/reward phase's. JAX on GPU
     # takes 75% unless XLA_PYTHON_CLIENT_MEM_FRACTION raises it.
     usable_fraction: float = 0.9
+    checked_in = ("plan",)
 
     def problems(self, path: str, mode: str) -> list[str]:
-        if mode != "plan":
-            return []
         check = _Checks(self, path)
         check("preset", self.preset in PLAN_PRESETS, f"must be one of {PLAN_PRESETS} ('' = model.path's config.json files)")
         check("devices", _int(self.devices, 1), "must be an integer >= 1 (simulated devices)")
@@ -576,10 +580,9 @@ class SampleConfig(Section):
         default_factory=lambda: ["a photo of a cat holding a sign that says hello world"])
     images_per_prompt: int = 4
     num_steps: int = 28
+    checked_in = ("sample",)
 
     def problems(self, path: str, mode: str) -> list[str]:
-        if mode != "sample":
-            return []
         check = _Checks(self, path)
         check("prompts", len(self.prompts) > 0 and all(isinstance(p, str) and p for p in self.prompts),
               "must be a non-empty list of prompts")

@@ -125,6 +125,20 @@ def test_typed_config_is_built_once_and_round_trips(tiny_config):
     assert config_lib.base_config().to_dict() == config_lib.RunConfig().to_dict()
 
 
+def test_mode_sections_are_checked_in_their_mode_only(tiny_config):
+    """sample.* is checked by --mode=sample (it used to run with no validation), plan.* by
+    --mode=plan; a train run never fails on them."""
+    c = tiny_config()
+    c.sample.prompts, c.plan.devices = [], 0
+    with pytest.raises(config_lib.ConfigError, match=r"config\.sample\.prompts=\[\]: must be a non-empty list"):
+        config_lib.build(c, mode="sample")
+    with pytest.raises(config_lib.ConfigError, match=r"config\.plan\.devices=0: must be an integer >= 1"):
+        config_lib.build(c, mode="plan")
+    import prefgrpo_jax.toyworld.reward  # noqa: F401 (registers the verifier rewards)
+
+    config_lib.build(c, mode="train", num_devices=1)
+
+
 def test_grad_accum_names_its_replacements(tiny_config):
     c = tiny_config()
     c.train.grad_accum = 4
