@@ -39,6 +39,9 @@ SETTINGS: dict[str, list[str]] = {
     "group16": ["--group_size=16", "--prompts_per_step=4"],
     "steps256": ["--steps=256"],
     "lr3e-4_steps256": ["--lr=3e-4", "--steps=256"],
+    # Every dimension equally often in training (the prompt file is 79% position prompts).
+    "balanced": ["--prompt_mix=balanced"],
+    "balanced_lr2e-4_wu32": ["--prompt_mix=balanced", "--lr=2e-4", "--warmup_steps=32"],
 }
 
 

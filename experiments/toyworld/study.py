@@ -137,6 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ASSETS / "base"), help="base model (diffusers FLUX dir)")
     p.add_argument("--prompts", default=str(ASSETS / "prompts_train.jsonl"))
+    p.add_argument("--prompt_mix", choices=("file", "balanced"), default="file",
+                   help="balanced: every dimension equally often in the training stream (the shipped "
+                        "file is 79%% position prompts, while the held-out score weighs the five "
+                        "dimensions equally); file: the prompt file's own mix")
     p.add_argument("--proxies", default=str(ASSETS),
                    help="directory holding reward_pairwise/ and reward_pointwise/ (train_proxies.py)")
     p.add_argument("--results", default=str(RESULTS), help="where <tag>.json/.md and PNGs go")
@@ -157,6 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
     p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--eta", type=float, default=None, help="SDE noise level; default: configs/tiny.py's")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="linear lr warmup over this many optimizer updates; default: configs/tiny.py's")
     p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
     p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
                    help="reward of the upper-bound arm: pointwise score or its hard win rates")
@@ -196,6 +203,29 @@ def training_source(arm: str, oracle: str) -> str:
     return {"pointwise": "pointwise_model", "pairwise": "pairwise_model", "verifier": oracle}.get(kind, kind)
 
 
+def balanced_prompt_file(src: str | Path, dst: Path) -> Path:
+    """Writes ``dst``: the prompts of ``src`` (jsonl with ``prompt``) with each dimension's
+    prompts cycled, in file order, to the count of the largest dimension; returns ``dst``.
+
+    The training stream samples file rows uniformly, so every dimension then gets an
+    equal share of the groups (the held-out score is the unweighted mean over dimensions).
+    """
+    from prefgrpo_jax.toyworld.scenes import DIMENSIONS
+
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines() if line.strip()]
+    by_dim: dict[str, list[str]] = {}
+    for r in rows:
+        by_dim.setdefault(_dimension(r["prompt"]), []).append(r["prompt"])
+    n = max(len(v) for v in by_dim.values())
+    out = [{"prompt": pool[i % len(pool)], "category": d}
+           for d in DIMENSIONS if d in by_dim for pool in [by_dim[d]] for i in range(n)]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in out)
+    if not dst.exists() or dst.read_text() != text:  # concurrent runs share one file
+        dst.write_text(text)
+    return dst
+
+
 def arm_config(args: argparse.Namespace, arm: str, seed: int):
     """``configs/tiny.py`` with the study's budget, the arm's reward and the seed."""
     import ml_collections
@@ -203,7 +233,8 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
     c = load_tiny_config()
     c.seed = int(seed)
     c.model.path = str(args.base)
-    c.data.prompts = str(args.prompts)
+    c.data.prompts = str(args.prompts if args.prompt_mix == "file"
+                         else balanced_prompt_file(args.prompts, Path(args.workdir) / "prompts_balanced.jsonl"))
     c.total_steps = int(args.steps)
     c.checkpoint_every = int(args.steps)  # only the final state is saved
     c.keep_checkpoints = 1
@@ -220,6 +251,10 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
         t.clip_range = float(args.clip_range)
     if args.updates_per_rollout is not None:
         t.updates_per_rollout = int(args.updates_per_rollout)
+    if args.eta is not None:
+        t.eta = float(args.eta)
+    if args.warmup_steps is not None:
+        c.optim.warmup_steps = int(args.warmup_steps)
     if args.rationorm is not None:
         t.rationorm = bool(args.rationorm)
     c.reward.spec = arm_spec(arm, args.oracle)
