@@ -155,3 +155,18 @@ def test_decision_rule():
     assert decide(_summary(weak), [0.1, 0.4])["conclusion"].startswith("inconclusive: no power")
     few = {k: v[:3] for k, v in strong.items()}
     assert decide(_summary(few), [0.1, 0.4])["conclusion"].startswith("not applied: 3 seed(s)")
+
+
+def test_balanced_prompt_file(tmp_path):
+    from experiments.toyworld.study import balanced_prompt_file
+
+    rows = ["a red circle", "a blue square", "a green triangle left of a yellow circle",
+            "a red square left of a blue circle", "a red circle above a green square", "two blue squares"]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "category": "x"}) + "\n" for p in rows))
+    out = [json.loads(line) for line in balanced_prompt_file(src, tmp_path / "b.jsonl").read_text().splitlines()]
+    dims = [r["category"] for r in out]
+    # three position prompts set the count; colour's two are cycled, count's one repeated
+    assert {d: dims.count(d) for d in set(dims)} == {"colour": 3, "position": 3, "count": 3}
+    assert [r["prompt"] for r in out if r["category"] == "colour"] == ["a red circle", "a blue square", "a red circle"]
+    assert {r["prompt"] for r in out if r["category"] == "position"} == set(rows[2:5])

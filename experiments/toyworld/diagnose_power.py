@@ -88,7 +88,8 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     later = rows[1:] or rows  # step 1 holds the compilation
-    mean = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if k != "step"}
+    keys = sorted({k for r in rows for k in r} - {"step"})
+    mean = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
     mean["wall_s"] = float(np.mean([r["wall_s"] for r in later]))
     print("mean", json.dumps({k: round(v, 4) for k, v in mean.items()}), flush=True)
     if args.out:

@@ -29,6 +29,12 @@ if str(REPO) not in sys.path:
 
 from experiments.toyworld import study  # noqa: E402
 
+# Higher signal per update: noise in one window step only (all of a group's reward variance
+# comes from the trained step; the group shares its initial noise), one on-policy update, and
+# 4x the images per step at about the old step's cost; every dimension equally often.
+W1_B256 = ["--prompt_mix=balanced", "--sde_window=1", "--sde_window_range=0,3", "--timestep_fraction=1.0",
+           "--timestep_chunk=1", "--updates_per_rollout=1", "--prompts_per_step=16", "--group_size=16"]
+
 # name -> study.py flags that differ from the common budget (base: configs/tiny.py's
 # objective with the study's lr 1e-4).
 SETTINGS: dict[str, list[str]] = {
@@ -42,6 +48,9 @@ SETTINGS: dict[str, list[str]] = {
     # Every dimension equally often in training (the prompt file is 79% position prompts).
     "balanced": ["--prompt_mix=balanced"],
     "balanced_lr2e-4_wu32": ["--prompt_mix=balanced", "--lr=2e-4", "--warmup_steps=32"],
+    "w1_b256": W1_B256,
+    "w1_b256_lr2e-4": [*W1_B256, "--lr=2e-4"],
+    "w1_b256_lr4e-4": [*W1_B256, "--lr=4e-4", "--warmup_steps=8"],
 }
 
 
@@ -59,24 +68,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+NOTES = "## Diagnosis and notes (by hand)"
+
+
 def write(result: dict, results: Path, tag: str) -> None:
+    """``<tag>.json`` and ``<tag>.md``; an existing md's hand-written part (from :data:`NOTES`
+    on) is kept below the regenerated table."""
+    md = results / f"{tag}.md"
+    notes = md.read_text().partition(NOTES) if md.exists() else ("", "", "")
     (results / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     base = result.get("base_overall")
     lines = ["# Toy-world testbed power: GRPO on the verifier, held-out gain per setting", "",
              f"Reproduce: `{result['command']}`. Machine: {result['machine']} (shared with other jobs: "
              f"wall times are noisy). Base model held-out verifier overall: "
              f"{'n/a' if base is None else f'{100 * base:.2f}'}.", "",
-             "| setting | study.py flags | seeds | held-out gain (points) per seed | mean | train-rollout "
-             "verifier first -> last | wall s per run |", "|---|---|---|---|---|---|---|"]
+             "| setting | study.py flags | common budget | seeds | held-out gain (points) per seed | mean | "
+             "train-rollout verifier first -> last | wall s per run | load average (1 min) at the end |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["settings"].items():
         gains = [100 * g for g in r["gains"]]
-        lines.append(f"| {name} | `{' '.join(r['flags']) or '(none)'}` | {len(gains)} | "
+        budget = " ".join(r.get("budget", [])) or "--steps=128"  # the first sweep's budget
+        lines.append(f"| {name} | `{' '.join(r['flags']) or '(none)'}` | `{budget}` | {len(gains)} | "
                      + ", ".join(f"{g:+.2f}" for g in gains) + f" | {np.mean(gains):+.2f} | "
                      + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in r["train_first_last"])
-                     + f" | {np.mean(r['wall_s']):.0f} |")
+                     + f" | {np.mean(r['wall_s']):.0f} | "
+                     + (", ".join(f"{x:g}" for x in r["loadavg"]) if r.get("loadavg") else "n/a") + " |")
     if result.get("partial"):
         lines += ["", f"**PARTIAL**: {result['partial']}"]
-    (results / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    if notes[1]:
+        lines += ["", notes[1] + notes[2].rstrip("\n")]
+    md.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> dict:
@@ -105,7 +126,9 @@ def main(argv=None) -> dict:
         out = study.main(run_args)
         s = out["summary"]["verifier"]
         r = result["settings"].setdefault(name, {"flags": flags, "gains": [], "train_first_last": [],
-                                                  "wall_s": [], "seeds": []})
+                                                  "wall_s": [], "seeds": [], "loadavg": []})
+        r["budget"] = [f"--steps={args.steps}", *args.common.split()]
+        r.setdefault("loadavg", []).append(round(os.getloadavg()[0], 1))
         r["gains"] += s["heldout_overall_delta"]["values"]
         r["train_first_last"].append((s["train_verifier_first"]["values"][0], s["train_verifier_last"]["values"][0]))
         r["wall_s"].append(time.perf_counter() - t0)

@@ -162,6 +162,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
     p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
     p.add_argument("--eta", type=float, default=None, help="SDE noise level; default: configs/tiny.py's")
+    p.add_argument("--sde_window", type=int, default=0,
+                   help="Flow-GRPO-Fast: noise only in a window of this many steps (ODE elsewhere), only "
+                        "they are trained; 0: every step stochastic")
+    p.add_argument("--sde_window_range", default="0,4",
+                   help="lo,hi: the window starts uniformly in [lo, hi - sde_window] per rollout")
     p.add_argument("--warmup_steps", type=int, default=None,
                    help="linear lr warmup over this many optimizer updates; default: configs/tiny.py's")
     p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
@@ -253,6 +258,9 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
         t.updates_per_rollout = int(args.updates_per_rollout)
     if args.eta is not None:
         t.eta = float(args.eta)
+    t.sde_window = int(args.sde_window)
+    if args.sde_window:
+        t.sde_window_range = tuple(int(v) for v in args.sde_window_range.split(","))
     if args.warmup_steps is not None:
         c.optim.warmup_steps = int(args.warmup_steps)
     if args.rationorm is not None:
