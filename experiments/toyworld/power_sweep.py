@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", default="/tmp/toyworld_power")
     p.add_argument("--append", type=int, default=0,
                    help="1: add these runs to an existing <tag>.json (a sweep continued in parts)")
+    p.add_argument("--merge", default="",
+                   help="comma list of other sweeps' json files (parts run in parallel) to add to "
+                        "<tag>.json, then rewrite it; no runs")
     return p.parse_args(argv)
 
 
@@ -77,18 +80,17 @@ def write(result: dict, results: Path, tag: str) -> None:
     md = results / f"{tag}.md"
     notes = md.read_text().partition(NOTES) if md.exists() else ("", "", "")
     (results / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    base = result.get("base_overall")
     lines = ["# Toy-world testbed power: GRPO on the verifier, held-out gain per setting", "",
              f"Reproduce: `{result['command']}`. Machine: {result['machine']} (shared with other jobs: "
-             f"wall times are noisy). Base model held-out verifier overall: "
-             f"{'n/a' if base is None else f'{100 * base:.2f}'}.", "",
-             "| setting | study.py flags | common budget | seeds | held-out gain (points) per seed | mean | "
-             "train-rollout verifier first -> last | wall s per run | load average (1 min) at the end |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "wall times are noisy).", "",
+             "| setting | study.py flags | common budget | base held-out | seeds | held-out gain (points) "
+             "per seed | mean | train-rollout verifier first -> last | wall s per run | load average "
+             "(1 min) at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["settings"].items():
         gains = [100 * g for g in r["gains"]]
         budget = " ".join(r.get("budget", [])) or "--steps=128"  # the first sweep's budget
-        lines.append(f"| {name} | `{' '.join(r['flags']) or '(none)'}` | `{budget}` | {len(gains)} | "
+        base = r.get("base_overall", result.get("base_overall"))  # the first sweep kept one value
+        lines.append(f"| {name} | `{' '.join(r['flags']) or '(none)'}` | `{budget}` | {100 * base:.2f} | {len(gains)} | "
                      + ", ".join(f"{g:+.2f}" for g in gains) + f" | {np.mean(gains):+.2f} | "
                      + ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in r["train_first_last"])
                      + f" | {np.mean(r['wall_s']):.0f} | "
@@ -100,10 +102,31 @@ def write(result: dict, results: Path, tag: str) -> None:
     md.write_text("\n".join(lines) + "\n")
 
 
+def merge(result: dict, other: dict) -> None:
+    """Adds ``other``'s runs to ``result`` (per setting, seeds appended; commands joined)."""
+    result["command"] += f"` then `{other['command']}"
+    for name, r in other["settings"].items():
+        mine = result["settings"].get(name)
+        if mine is None:
+            result["settings"][name] = r
+            continue
+        if mine.get("budget") != r.get("budget"):
+            raise SystemExit(f"--merge: setting {name!r} ran with budget {r.get('budget')}, here "
+                             f"{mine.get('budget')}: give it another name")
+        for key in ("gains", "train_first_last", "wall_s", "seeds", "loadavg"):
+            mine.setdefault(key, []).extend(r.get(key, []))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        result = json.loads((results / f"{args.tag}.json").read_text())
+        for path in args.merge.split(","):
+            merge(result, json.loads(Path(path).read_text()))
+        write(result, results, args.tag)
+        return result
     names = [s for s in args.settings.split(",") if s]
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
@@ -133,7 +156,7 @@ def main(argv=None) -> dict:
         r["train_first_last"].append((s["train_verifier_first"]["values"][0], s["train_verifier_last"]["values"][0]))
         r["wall_s"].append(time.perf_counter() - t0)
         r["seeds"].append(int(seed))
-        result["base_overall"] = out["base_eval"]["table"]["overall"]
+        r["base_overall"] = out["base_eval"]["table"]["overall"]  # depends on --eval_per_dim
         result["partial"] = None if k + 1 == len(todo) else f"{k + 1} of {len(todo)} runs done"
         write(result, results, args.tag)
         print(f"[power] {name} seed {seed}: held-out gain {100 * r['gains'][-1]:+.2f} points", flush=True)
