@@ -78,7 +78,8 @@ def test_study_smoke(tiny_flux_dir, tmp_path):
         f"--base={tiny_flux_dir}", f"--prompts={prompts}", f"--proxies={proxies}",
         f"--results={results}", f"--workdir={tmp_path / 'work'}", "--tag=smoke", "--seeds=0",
         "--steps=1", "--prompts_per_step=2", "--group_size=4", "--sample_steps=2",
-        "--timestep_fraction=1.0", "--timestep_chunk=1", "--eval_per_dim=1", "--eval_steps=2",
+        "--timestep_fraction=1.0", "--timestep_chunk=1", "--sde_window=1", "--sde_window_range=0,1",
+        "--eval_per_dim=1", "--eval_steps=2",
         "--official_eval=0", "--plots=1", "--noise=0.2",
     ])
     arms = study.expand_arms(list(study.ARMS), [0.2])

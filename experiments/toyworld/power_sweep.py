@@ -29,14 +29,18 @@ if str(REPO) not in sys.path:
 
 from experiments.toyworld import study  # noqa: E402
 
+# The first testbed (study.py's defaults before this sweep): configs/tiny.py's objective
+# (2 updates per rollout, clip 0.05), lr 1e-4, 8 prompts x 8 images, 5 of 9 SDE steps trained,
+# the prompt file's own mix. Every setting's flags are given on top of it.
+FIRST_TESTBED = ["--prompt_mix=file", "--prompts_per_step=8", "--group_size=8", "--timestep_fraction=0.6",
+                 "--timestep_chunk=5", "--updates_per_rollout=2", "--sde_window=0", "--lr=1e-4"]
 # Higher signal per update: noise in one window step only (all of a group's reward variance
 # comes from the trained step; the group shares its initial noise), one on-policy update, and
-# 4x the images per step at about the old step's cost; every dimension equally often.
+# 4x the images per step at about 2x the step's cost; every dimension equally often.
 W1_B256 = ["--prompt_mix=balanced", "--sde_window=1", "--sde_window_range=0,3", "--timestep_fraction=1.0",
            "--timestep_chunk=1", "--updates_per_rollout=1", "--prompts_per_step=16", "--group_size=16"]
 
-# name -> study.py flags that differ from the common budget (base: configs/tiny.py's
-# objective with the study's lr 1e-4).
+# name -> study.py flags on top of FIRST_TESTBED and the common budget.
 SETTINGS: dict[str, list[str]] = {
     "base": [],
     "lr3e-4": ["--lr=3e-4"],
@@ -82,7 +86,8 @@ def write(result: dict, results: Path, tag: str) -> None:
     (results / f"{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Toy-world testbed power: GRPO on the verifier, held-out gain per setting", "",
              f"Reproduce: `{result['command']}`. Machine: {result['machine']} (shared with other jobs: "
-             "wall times are noisy).", "",
+             "wall times are noisy). Each setting's flags are given on top of the first testbed's "
+             f"`{' '.join(FIRST_TESTBED)}` and the common budget.", "",
              "| setting | study.py flags | common budget | base held-out | seeds | held-out gain (points) "
              "per seed | mean | train-rollout verifier first -> last | wall s per run | load average "
              "(1 min) at the end |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -144,7 +149,7 @@ def main(argv=None) -> dict:
         flags = SETTINGS[name]
         run_args = ["--arms=verifier", f"--seeds={seed}", f"--steps={args.steps}", "--official_eval=0",
                     "--plots=0", f"--results={Path(args.workdir) / 'study_out'}", f"--tag={name}_s{seed}",
-                    f"--workdir={Path(args.workdir) / 'work'}", *args.common.split(), *flags]
+                    f"--workdir={Path(args.workdir) / 'work'}", *FIRST_TESTBED, *args.common.split(), *flags]
         t0 = time.perf_counter()
         out = study.main(run_args)
         s = out["summary"]["verifier"]

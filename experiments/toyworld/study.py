@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ASSETS / "base"), help="base model (diffusers FLUX dir)")
     p.add_argument("--prompts", default=str(ASSETS / "prompts_train.jsonl"))
-    p.add_argument("--prompt_mix", choices=("file", "balanced"), default="file",
+    p.add_argument("--prompt_mix", choices=("file", "balanced"), default="balanced",
                    help="balanced: every dimension equally often in the training stream (the shipped "
                         "file is 79%% position prompts, while the held-out score weighs the five "
                         "dimensions equally); file: the prompt file's own mix")
@@ -152,27 +152,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "model's within-group verifier std is ~0.2")
     p.add_argument("--seeds", default="0,1,2,3,4", help=">= 5 for the decision rule to apply")
     p.add_argument("--steps", type=int, default=128, help="GRPO updates per run")
-    p.add_argument("--prompts_per_step", type=int, default=8)
-    p.add_argument("--group_size", type=int, default=8)
+    # The testbed with power (experiments/results/toyworld_power.md, setting w1_b256_*): 256
+    # images per update, noise in one window step, that step trained, one on-policy update.
+    p.add_argument("--prompts_per_step", type=int, default=16)
+    p.add_argument("--group_size", type=int, default=16)
     p.add_argument("--sample_steps", type=int, default=10, help="SDE steps per rollout")
-    p.add_argument("--timestep_fraction", type=float, default=0.6)
-    p.add_argument("--timestep_chunk", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
+    p.add_argument("--timestep_fraction", type=float, default=1.0)
+    p.add_argument("--timestep_chunk", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="AdamW lr (with the first testbed's 64 images per update, 1e-4 moved nothing "
+                        "and 3e-4 collapsed the model)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
-    p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--updates_per_rollout", type=int, default=1,
+                   help="1: on-policy (the clip never acts; configs/tiny.py's 2 moved nothing more)")
     p.add_argument("--eta", type=float, default=None, help="SDE noise level; default: configs/tiny.py's")
-    p.add_argument("--sde_window", type=int, default=0,
+    p.add_argument("--sde_window", type=int, default=1,
                    help="Flow-GRPO-Fast: noise only in a window of this many steps (ODE elsewhere), only "
                         "they are trained; 0: every step stochastic")
-    p.add_argument("--sde_window_range", default="0,4",
+    p.add_argument("--sde_window_range", default="0,3",
                    help="lo,hi: the window starts uniformly in [lo, hi - sde_window] per rollout")
     p.add_argument("--warmup_steps", type=int, default=None,
                    help="linear lr warmup over this many optimizer updates; default: configs/tiny.py's")
     p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
     p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
                    help="reward of the upper-bound arm: pointwise score or its hard win rates")
-    p.add_argument("--eval_per_dim", type=int, default=16, help="held-out prompts per dimension")
+    p.add_argument("--eval_per_dim", type=int, default=50,
+                   help="held-out prompts per dimension (50: all 250; 16 gave a +-1.7-point seed spread)")
     p.add_argument("--eval_steps", type=int, default=20, help="ODE steps of the held-out evaluation")
     p.add_argument("--eval_every", type=int, default=None,
                    help="held-out evaluation every this many steps (default: steps // 3)")
