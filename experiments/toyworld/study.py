@@ -5,7 +5,13 @@
 
 From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
 budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
-``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each:
+``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each.
+The default budget is the testbed of ``experiments/results/toyworld_power.md``:
+16 prompts x 16 images per update, SDE noise in one window step (the group
+shares its initial noise, so all its reward differences come from that step)
+which is the step trained, one on-policy update, every dimension equally often,
+lr 2e-4; the first testbed (configs/tiny.py's objective, 8 x 8 images, 5 of 9
+noisy steps trained) learned nothing on the verifier itself.
 
 * ``verifier``: the toy verifier itself (``--oracle``; the upper bound, and the
   testbed's power: a method difference smaller than its gain cannot be seen);
