@@ -158,7 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="noise levels (sigma, verifier-score units) of the noisy-judge arms; the base "
                         "model's within-group verifier std is ~0.2")
     p.add_argument("--seeds", default="0,1,2,3,4", help=">= 5 for the decision rule to apply")
-    p.add_argument("--steps", type=int, default=128, help="GRPO updates per run")
+    p.add_argument("--steps", type=int, default=80,
+                   help="GRPO updates per run (the testbed's measured length; lr 4e-4 collapsed after ~50)")
     # The testbed with power (experiments/results/toyworld_power.md, setting w1_b256_*): 256
     # images per update, noise in one window step, that step trained, one on-policy update.
     p.add_argument("--prompts_per_step", type=int, default=16)
