@@ -171,3 +171,33 @@ def test_balanced_prompt_file(tmp_path):
     assert {d: dims.count(d) for d in set(dims)} == {"colour": 3, "position": 3, "count": 3}
     assert [r["prompt"] for r in out if r["category"] == "colour"] == ["a red circle", "a blue square", "a red circle"]
     assert {r["prompt"] for r in out if r["category"] == "position"} == set(rows[2:5])
+
+
+def test_power_sweep_merge_and_notes(tmp_path):
+    from experiments.toyworld import power_sweep
+
+    def sweep(command, gains, budget):
+        return {"command": command, "machine": "m", "settings": {"s": {
+            "flags": ["--lr=2e-4"], "budget": budget, "base_overall": 0.25, "gains": gains,
+            "train_first_last": [(0.3, 0.4)] * len(gains), "wall_s": [1.0] * len(gains),
+            "seeds": list(range(len(gains))), "loadavg": [1.0] * len(gains)}}}
+
+    result = sweep("a", [0.04], ["--steps=80"])
+    power_sweep.merge(result, sweep("b", [0.02], ["--steps=80"]))
+    assert result["command"] == "a` then `b" and result["settings"]["s"]["gains"] == [0.04, 0.02]
+    with pytest.raises(SystemExit, match="budget"):  # one row per budget
+        power_sweep.merge(result, sweep("c", [0.1], ["--steps=160"]))
+    (tmp_path / "t.md").write_text(f"old table\n\n{power_sweep.NOTES}\n\nkept by hand\n")
+    power_sweep.write(result, tmp_path, "t")
+    md = (tmp_path / "t.md").read_text()
+    assert "old table" not in md and md.rstrip().endswith("kept by hand")
+    assert "| +4.00, +2.00 | +3.00 |" in md and "25.00" in md
+
+
+def test_diagnose_group_stats():
+    from experiments.toyworld.diagnose_power import group_stats
+
+    s = group_stats(np.array([[0.5, 0.5, 0.5], [0.0, 1.0, 1.0]]))
+    assert s["flat_group_frac"] == 0.5
+    assert s["strict_pair_frac"] == pytest.approx(2 / 6)  # group 2: (0,1), (0,2) strict, (1,2) tied
+    assert s["group_std"] == pytest.approx(np.std([0.0, 1.0, 1.0]) / 2)
