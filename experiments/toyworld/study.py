@@ -235,8 +235,8 @@ def balanced_prompt_file(src: str | Path, dst: Path) -> Path:
     for r in rows:
         by_dim.setdefault(_dimension(r["prompt"]), []).append(r["prompt"])
     n = max(len(v) for v in by_dim.values())
-    out = [{"prompt": pool[i % len(pool)], "category": d}
-           for d in DIMENSIONS if d in by_dim for pool in [by_dim[d]] for i in range(n)]
+    out = [{"prompt": by_dim[d][i % len(by_dim[d])], "category": d}
+           for d in DIMENSIONS if d in by_dim for i in range(n)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in out)
     if not dst.exists() or dst.read_text() != text:  # concurrent runs share one file
