@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(names) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; known: {sorted(SETTINGS)}")
-    command = " ".join(["python", "experiments/toyworld/power_sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "experiments/toyworld/power_sweep.py", *(argv if argv is not None else sys.argv[1:])])
     previous = results / f"{args.tag}.json"
     if args.append and previous.exists():
         result = json.loads(previous.read_text())
