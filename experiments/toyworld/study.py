@@ -172,7 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and 3e-4 collapsed the model)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
     p.add_argument("--updates_per_rollout", type=int, default=1,
-                   help="1: on-policy (the clip never acts; configs/tiny.py's 2 moved nothing more)")
+                   help="1: on-policy (with configs/tiny.py's 2 the clip never acted: the policy ratio "
+                        "stayed within 0.999-1.001; 4 gave -2.6 held-out points)")
     p.add_argument("--eta", type=float, default=None, help="SDE noise level; default: configs/tiny.py's")
     p.add_argument("--sde_window", type=int, default=1,
                    help="Flow-GRPO-Fast: noise only in a window of this many steps (ODE elsewhere), only "
