@@ -91,7 +91,8 @@ def test_study_smoke(tiny_flux_dir, tmp_path, session_cache_config):
         f"--base={tiny_flux_dir}", f"--prompts={prompts}", f"--proxies={proxies}",
         f"--results={results}", f"--workdir={tmp_path / 'work'}", "--tag=smoke", "--seeds=0",
         "--steps=1", "--prompts_per_step=2", "--group_size=4", "--sample_steps=2",
-        "--timestep_fraction=1.0", "--timestep_chunk=1", "--eval_per_dim=1", "--eval_steps=2",
+        "--timestep_fraction=1.0", "--timestep_chunk=1", "--sde_window=1", "--sde_window_range=0,1",
+        "--eval_per_dim=1", "--eval_steps=2",
         "--official_eval=0", "--plots=1", "--noise=0.2",
     ])
     arms = study.expand_arms(list(study.ARMS), [0.2])
@@ -168,3 +169,48 @@ def test_decision_rule():
     assert decide(_summary(weak), [0.1, 0.4])["conclusion"].startswith("inconclusive: no power")
     few = {k: v[:3] for k, v in strong.items()}
     assert decide(_summary(few), [0.1, 0.4])["conclusion"].startswith("not applied: 3 seed(s)")
+
+
+def test_balanced_prompt_file(tmp_path):
+    from experiments.toyworld.study import balanced_prompt_file
+
+    rows = ["a red circle", "a blue square", "a green triangle left of a yellow circle",
+            "a red square left of a blue circle", "a red circle above a green square", "two blue squares"]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p, "category": "x"}) + "\n" for p in rows))
+    out = [json.loads(line) for line in balanced_prompt_file(src, tmp_path / "b.jsonl").read_text().splitlines()]
+    dims = [r["category"] for r in out]
+    # three position prompts set the count; colour's two are cycled, count's one repeated
+    assert {d: dims.count(d) for d in set(dims)} == {"colour": 3, "position": 3, "count": 3}
+    assert [r["prompt"] for r in out if r["category"] == "colour"] == ["a red circle", "a blue square", "a red circle"]
+    assert {r["prompt"] for r in out if r["category"] == "position"} == set(rows[2:5])
+
+
+def test_power_sweep_merge_and_notes(tmp_path):
+    from experiments.toyworld import power_sweep
+
+    def sweep(command, gains, budget):
+        return {"command": command, "machine": "m", "settings": {"s": {
+            "flags": ["--lr=2e-4"], "budget": budget, "base_overall": 0.25, "gains": gains,
+            "train_first_last": [(0.3, 0.4)] * len(gains), "wall_s": [1.0] * len(gains),
+            "seeds": list(range(len(gains))), "loadavg": [1.0] * len(gains)}}}
+
+    result = sweep("a", [0.04], ["--steps=80"])
+    power_sweep.merge(result, sweep("b", [0.02], ["--steps=80"]))
+    assert result["command"] == "a` then `b" and result["settings"]["s"]["gains"] == [0.04, 0.02]
+    with pytest.raises(SystemExit, match="budget"):  # one row per budget
+        power_sweep.merge(result, sweep("c", [0.1], ["--steps=160"]))
+    (tmp_path / "t.md").write_text(f"old table\n\n{power_sweep.NOTES}\n\nkept by hand\n")
+    power_sweep.write(result, tmp_path, "t")
+    md = (tmp_path / "t.md").read_text()
+    assert "old table" not in md and md.rstrip().endswith("kept by hand")
+    assert "| +4.00, +2.00 | +3.00 |" in md and "25.00" in md
+
+
+def test_diagnose_group_stats():
+    from experiments.toyworld.diagnose_power import group_stats
+
+    s = group_stats(np.array([[0.5, 0.5, 0.5], [0.0, 1.0, 1.0]]))
+    assert s["flat_group_frac"] == 0.5
+    assert s["strict_pair_frac"] == pytest.approx(2 / 6)  # group 2: (0,1), (0,2) strict, (1,2) tied
+    assert s["group_std"] == pytest.approx(np.std([0.0, 1.0, 1.0]) / 2)

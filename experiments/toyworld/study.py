@@ -5,7 +5,14 @@
 
 From the same base model (``prefgrpo_jax/toyworld/assets/base``) and the same
 budget (steps, prompts per step, group size, SDE sampler, optimiser), the real
-``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each:
+``prefgrpo_jax.train.Trainer`` runs GRPO with these rewards, ``--seeds`` each.
+The default budget is the testbed of ``experiments/results/toyworld_power.md``:
+16 prompts x 16 images per update, SDE noise in one window step (the group
+shares its initial noise, so all its reward differences come from that step)
+which is the step trained, one on-policy update, every dimension equally often,
+lr 2e-4; the first testbed (configs/tiny.py's objective, 8 x 8 images, 5 of 9
+noisy steps trained) barely learned even on the verifier itself (+2.2 +- 1.7
+held-out points in the first study, flat per-dimension training scores).
 
 * ``verifier``: the toy verifier itself (``--oracle``; the upper bound, and the
   testbed's power: a method difference smaller than its gain cannot be seen);
@@ -137,6 +144,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ASSETS / "base"), help="base model (diffusers FLUX dir)")
     p.add_argument("--prompts", default=str(ASSETS / "prompts_train.jsonl"))
+    p.add_argument("--prompt_mix", choices=("file", "balanced"), default="balanced",
+                   help="balanced: every dimension equally often in the training stream (the shipped "
+                        "file is 79%% position prompts, while the held-out score weighs the five "
+                        "dimensions equally); file: the prompt file's own mix")
     p.add_argument("--proxies", default=str(ASSETS),
                    help="directory holding reward_pairwise/ and reward_pointwise/ (train_proxies.py)")
     p.add_argument("--results", default=str(RESULTS), help="where <tag>.json/.md and PNGs go")
@@ -147,20 +158,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="noise levels (sigma, verifier-score units) of the noisy-judge arms; the base "
                         "model's within-group verifier std is ~0.2")
     p.add_argument("--seeds", default="0,1,2,3,4", help=">= 5 for the decision rule to apply")
-    p.add_argument("--steps", type=int, default=128, help="GRPO updates per run")
-    p.add_argument("--prompts_per_step", type=int, default=8)
-    p.add_argument("--group_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=80,
+                   help="GRPO updates per run (the testbed's measured length; lr 4e-4 collapsed after ~50)")
+    # The testbed with power (experiments/results/toyworld_power.md, setting w1_b256_*): 256
+    # images per update, noise in one window step, that step trained, one on-policy update.
+    p.add_argument("--prompts_per_step", type=int, default=16)
+    p.add_argument("--group_size", type=int, default=16)
     p.add_argument("--sample_steps", type=int, default=10, help="SDE steps per rollout")
-    p.add_argument("--timestep_fraction", type=float, default=0.6)
-    p.add_argument("--timestep_chunk", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="AdamW lr (configs/tiny.py's 3e-4 collapsed every arm within 8 steps in a pilot)")
+    p.add_argument("--timestep_fraction", type=float, default=1.0)
+    p.add_argument("--timestep_chunk", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="AdamW lr (with the first testbed's 64 images per update, 1e-4 moved nothing "
+                        "and 3e-4 collapsed the model)")
     p.add_argument("--clip_range", type=float, default=None, help="default: configs/tiny.py's")
-    p.add_argument("--updates_per_rollout", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--updates_per_rollout", type=int, default=1,
+                   help="1: on-policy (with configs/tiny.py's 2 the clip never acted: the policy ratio "
+                        "stayed within 0.999-1.001; 4 gave -2.6 held-out points)")
+    p.add_argument("--eta", type=float, default=None, help="SDE noise level; default: configs/tiny.py's")
+    p.add_argument("--sde_window", type=int, default=1,
+                   help="Flow-GRPO-Fast: noise only in a window of this many steps (ODE elsewhere), only "
+                        "they are trained; 0: every step stochastic")
+    p.add_argument("--sde_window_range", default="0,3",
+                   help="lo,hi: the window starts uniformly in [lo, hi - sde_window] per rollout")
+    p.add_argument("--warmup_steps", type=int, default=None,
+                   help="linear lr warmup over this many optimizer updates; default: configs/tiny.py's")
     p.add_argument("--rationorm", type=int, choices=(0, 1), default=None, help="default: configs/tiny.py's")
     p.add_argument("--oracle", choices=("verifier", "verifier_pairwise"), default="verifier",
                    help="reward of the upper-bound arm: pointwise score or its hard win rates")
-    p.add_argument("--eval_per_dim", type=int, default=16, help="held-out prompts per dimension")
+    p.add_argument("--eval_per_dim", type=int, default=50,
+                   help="held-out prompts per dimension (50: all 250; 16 gave a +-1.7-point seed spread)")
     p.add_argument("--eval_steps", type=int, default=20, help="ODE steps of the held-out evaluation")
     p.add_argument("--eval_every", type=int, default=None,
                    help="held-out evaluation every this many steps (default: steps // 3)")
@@ -196,6 +222,29 @@ def training_source(arm: str, oracle: str) -> str:
     return {"pointwise": "pointwise_model", "pairwise": "pairwise_model", "verifier": oracle}.get(kind, kind)
 
 
+def balanced_prompt_file(src: str | Path, dst: Path) -> Path:
+    """Writes ``dst``: the prompts of ``src`` (jsonl with ``prompt``) with each dimension's
+    prompts cycled, in file order, to the count of the largest dimension; returns ``dst``.
+
+    The training stream samples file rows uniformly, so every dimension then gets an
+    equal share of the groups (the held-out score is the unweighted mean over dimensions).
+    """
+    from prefgrpo_jax.toyworld.scenes import DIMENSIONS
+
+    rows = [json.loads(line) for line in Path(src).read_text().splitlines() if line.strip()]
+    by_dim: dict[str, list[str]] = {}
+    for r in rows:
+        by_dim.setdefault(_dimension(r["prompt"]), []).append(r["prompt"])
+    n = max(len(v) for v in by_dim.values())
+    out = [{"prompt": by_dim[d][i % len(by_dim[d])], "category": d}
+           for d in DIMENSIONS if d in by_dim for i in range(n)]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in out)
+    if not dst.exists() or dst.read_text() != text:  # concurrent runs share one file
+        dst.write_text(text)
+    return dst
+
+
 def arm_config(args: argparse.Namespace, arm: str, seed: int):
     """``configs/tiny.py`` with the study's budget, the arm's reward and the seed."""
     import ml_collections
@@ -203,7 +252,8 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
     c = load_tiny_config()
     c.seed = int(seed)
     c.model.path = str(args.base)
-    c.data.prompts = str(args.prompts)
+    c.data.prompts = str(args.prompts if args.prompt_mix == "file"
+                         else balanced_prompt_file(args.prompts, Path(args.workdir) / "prompts_balanced.jsonl"))
     c.total_steps = int(args.steps)
     c.checkpoint_every = int(args.steps)  # only the final state is saved
     c.keep_checkpoints = 1
@@ -220,6 +270,13 @@ def arm_config(args: argparse.Namespace, arm: str, seed: int):
         t.clip_range = float(args.clip_range)
     if args.updates_per_rollout is not None:
         t.updates_per_rollout = int(args.updates_per_rollout)
+    if args.eta is not None:
+        t.eta = float(args.eta)
+    t.sde_window = int(args.sde_window)
+    if args.sde_window:
+        t.sde_window_range = tuple(int(v) for v in args.sde_window_range.split(","))
+    if args.warmup_steps is not None:
+        c.optim.warmup_steps = int(args.warmup_steps)
     if args.rationorm is not None:
         t.rationorm = bool(args.rationorm)
     c.reward.spec = arm_spec(arm, args.oracle)
