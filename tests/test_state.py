@@ -85,9 +85,10 @@ def test_restore_params_reads_no_optimizer_state(tmp_path, monkeypatch):
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=a.sharding), params)
     restored = ckpt.restore_params(like)
     ckpt.close()
-    # The only restore asked for the params subtree, nothing else.
+    # The only restore asked for the params subtree (and the small JSON meta, whose
+    # tensor format is checked), no optimizer state.
     (args,) = seen
-    assert set(args.keys()) == {"state"}
+    assert set(args.keys()) == {"state", "meta"}
     assert set(args["state"].item.keys()) == {"params"}
     assert jax.tree.structure(restored) == jax.tree.structure(params)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
