@@ -146,11 +146,12 @@ def torch_worker(ckpt_dir: str, steps: int, reps: int, threads: int,
 
 
 def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
-               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY, lora_rank: int = 0
-               ) -> dict[str, Any]:
+               timestep_chunk: int = 1, remat_policy: str = JAX_REMAT_POLICY, lora_rank: int = 0,
+               scan_unroll: int | bool = 1) -> dict[str, Any]:
     """Our train step; ``remat_policy`` is one of ``flux.REMAT_POLICIES`` or "off";
     ``lora_rank`` > 0: train rank-r adapters (alpha 2r, the reference's targets) on
-    the frozen loaded weights instead of the weights themselves."""
+    the frozen loaded weights instead of the weights themselves; ``scan_unroll``:
+    the model's ``scan_unroll`` (its scans over the blocks)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -165,6 +166,7 @@ def jax_worker(problem: dict, ckpt_dir: str, steps: int, reps: int,
     model = flux.load_diffusers(ckpt_dir, remat=remat,
                                 remat_policy=remat_policy if remat else JAX_REMAT_POLICY)
     assert model.cfg == flux.FluxConfig(**prob.model_kwargs()), model.cfg
+    model.scan_unroll = scan_unroll
     graphdef, params = nnx.split(model, nnx.Param)
     frozen = None
     if lora_rank:

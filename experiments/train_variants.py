@@ -33,6 +33,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "remat nothing_saveable": ({"remat_policy": "nothing_saveable"}, ()),
     "remat dots_saveable": ({"remat_policy": "dots_saveable"}, ()),
     "remat off": ({"remat_policy": "off"}, ()),
+    "blocks unrolled": ({"scan_unroll": True}, ()),
     "timestep_chunk 2": ({"timestep_chunk": 2}, ()),
     "timestep_chunk 7": ({"timestep_chunk": 7}, ()),
     "xla_cpu_multi_thread_eigen=false": ({}, ("--xla_cpu_multi_thread_eigen=false",)),

@@ -1029,18 +1029,23 @@ class FluxTransformer(nnx.Module):
       attention_chunk: queries per chunk of ``attention="chunked"``.
       lora: LoRA adapters on the linears it names (``nnx.LoRAParam``; the
         rest is the base), or None.
+      scan_unroll: ``unroll`` of the two scans over the blocks (1: a loop,
+        compile time independent of depth; True: straight-line code, no
+        stacked residual buffers; experiments/results/train_variants.md).
     """
 
     def __init__(self, cfg: FluxConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False,
                  remat_policy: str = "nothing_saveable", attention: str = "einsum",
-                 attention_chunk: int = 512, lora: LoraSpec | None = None):
+                 attention_chunk: int = 512, lora: LoraSpec | None = None,
+                 scan_unroll: int | bool = 1):
         check_remat_policy(remat_policy)
         check_attention(attention, attention_chunk)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
         self.remat_policy = remat_policy
+        self.scan_unroll = scan_unroll
         self.attention = attention
         self.attention_chunk = attention_chunk
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -1124,10 +1129,12 @@ class FluxTransformer(nnx.Module):
             policy = getattr(jax.checkpoint_policies, self.remat_policy)
             double_body = nnx.remat(double_body, policy=policy)
             single_body = nnx.remat(single_body, policy=policy)
-        x, ctx = nnx.scan(double_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        x, ctx = nnx.scan(double_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                          unroll=self.scan_unroll)(
             (x, ctx), self.double_blocks)
         h = constrain(jnp.concatenate([ctx, x], axis=1), tokens)
-        h = nnx.scan(single_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        h = nnx.scan(single_body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                     unroll=self.scan_unroll)(
             h, self.single_blocks)
         out = self.final_layer(h[:, n_txt:], vec).astype(dt)
         chex.assert_shape(out, (b, n_img, cfg.out_channels))
