@@ -265,6 +265,11 @@ def run_setup(sizes: dict[str, dict[str, Any]], size: str,
     return started, load, s, PROBLEMS[s["problem"]], tuple(isas or (default_isa(),))
 
 
+def extra_xla_flags() -> tuple[str, ...]:
+    """XLA flags every JAX worker gets on top of its own (``benchmark --xla_flags``)."""
+    return tuple(os.environ.get("BENCH_XLA_FLAGS", "").split())
+
+
 def run_worker(target: str, args: dict[str, Any], *, threads: int,
                device_count: int | None = None, timeout: float = 1800,
                isa: str | None = None, xla_flags: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -276,7 +281,7 @@ def run_worker(target: str, args: dict[str, Any], *, threads: int,
     """
     isa = isa or default_isa()
     env = {k: v for k, v in os.environ.items() if k not in cpu_isa.WORKER_VARS}
-    env.update(worker_env(threads, device_count, isa, xla_flags))
+    env.update(worker_env(threads, device_count, isa, (*extra_xla_flags(), *xla_flags)))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         fin, fout = Path(tmp) / "in.json", Path(tmp) / "out.json"
@@ -608,6 +613,7 @@ def write_results(name: str, out_dir: str | Path, payload: dict[str, Any], md_bo
         "machine": machine_info(),
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
+        "extra_xla_flags": list(extra_xla_flags()),
     }
     doc = {"meta": meta, **payload}
     path = out / f"{name}.json"
@@ -621,7 +627,9 @@ def write_results(name: str, out_dir: str | Path, payload: dict[str, Any], md_bo
         f"{m['ram_gib']} GiB RAM  \n"
         f"Load average (1/5/15 min) before: {load_before}, after: {meta['loadavg_after']}  \n"
         f"Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + "  \n"
-        f"Git: {m['git']['commit'][:12]} ({m['git']['dirty_files']} uncommitted files)\n\n"
+        f"Git: {m['git']['commit'][:12]} ({m['git']['dirty_files']} uncommitted files)\n"
+        + (f"Extra XLA flags of every JAX worker: `{' '.join(meta['extra_xla_flags'])}`\n"
+           if meta["extra_xla_flags"] else "") + "\n"
     )
     (out / f"{name}.md").write_text(header + md_body.rstrip() + "\n")
     return path

@@ -4,7 +4,7 @@ Usage::
 
     python -m experiments.benchmark <sampling|training|pairs|mfu|memory|scaling|overlap|lora|all>
         [--size tiny|medium] [--out experiments/results] [--threads N]
-        [--isa native|avx2|both]
+        [--isa native|avx2|both] [--xla_flags "..."]
     python -m experiments.benchmark profile [--size ...] [--isa ...]
 
 Each benchmark writes ``<out>/<name>.json`` (all numbers, machine, versions,
@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="instruction set of the workers (default: $BENCH_ISA or native): native, avx2 (XLA, YNNPACK, ATen, "
                              "MKL, oneDNN restricted to AVX2), or both (sampling, training, "
                              "profile: each ISA measured, one table with an ISA column)")
+    parser.add_argument("--xla_flags", default=os.environ.get("BENCH_XLA_FLAGS", ""),
+                        help="more XLA flags for every JAX worker (space-separated; recorded in the "
+                             "results), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type=")
     args = parser.parse_args(argv)
+    os.environ["BENCH_XLA_FLAGS"] = args.xla_flags
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     isas = cpu_isa.expand(args.isa)
     single = [n for n in names if n not in MULTI_ISA]
