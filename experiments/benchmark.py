@@ -54,17 +54,18 @@ MULTI_ISA = ("sampling", "training", "profile")
 
 
 @contextlib.contextmanager
-def _default_isa(isa: str):
-    """Workers started inside (``bench_common.run_worker``) run on ``isa``."""
-    previous = os.environ.get("BENCH_ISA")
-    os.environ["BENCH_ISA"] = isa
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` inside, restored after: workers started inside
+    (``bench_common.run_worker``) read ``BENCH_ISA`` and ``BENCH_XLA_FLAGS``."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ["BENCH_ISA"]
+            del os.environ[name]
         else:
-            os.environ["BENCH_ISA"] = previous
+            os.environ[name] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="more XLA flags for every JAX worker (space-separated; recorded in the "
                              "results), e.g. --xla_flags=--xla_cpu_experimental_ynn_fusion_type=")
     args = parser.parse_args(argv)
-    os.environ["BENCH_XLA_FLAGS"] = args.xla_flags
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     isas = cpu_isa.expand(args.isa)
     single = [n for n in names if n not in MULTI_ISA]
@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         module = importlib.import_module(f"experiments.bench_{name}")
         try:
-            if name in MULTI_ISA:
-                module.run(args.size, args.out, args.threads, argv, isas=isas)
-            else:
-                with _default_isa(isas[0]):
-                    module.run(args.size, args.out, args.threads, argv)
+            with _environ("BENCH_XLA_FLAGS", args.xla_flags):
+                if name in MULTI_ISA:
+                    module.run(args.size, args.out, args.threads, argv, isas=isas)
+                else:
+                    with _environ("BENCH_ISA", isas[0]):
+                        module.run(args.size, args.out, args.threads, argv)
         except Exception as e:  # noqa: BLE001 -- report, continue with the others
             if args.benchmark != "all":
                 raise

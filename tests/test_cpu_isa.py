@@ -53,6 +53,23 @@ def test_isa_option_reaches_run(monkeypatch, tmp_path):
         benchmark.main(["pairs", "--isa", "both", "--out", str(tmp_path)])
 
 
+def test_xla_flags_option_reaches_the_worker(monkeypatch, tmp_path):
+    flag = "--xla_cpu_multi_thread_eigen=false"
+    seen = []
+
+    class Fake:  # a bench module whose run starts a real worker
+        @staticmethod
+        def run(size, out, threads, argv, isas=None):
+            seen.append(bench_common.run_worker("tests.isa_probe:probe", {"use_torch": False},
+                                                threads=2, isa="native"))
+    monkeypatch.setattr(benchmark.importlib, "import_module", lambda name: Fake)
+    monkeypatch.delenv("BENCH_XLA_FLAGS", raising=False)
+    assert benchmark.main(["training", "--out", str(tmp_path), f"--xla_flags={flag}"]) == 0
+    assert seen[0]["env"]["XLA_FLAGS"].split() == [flag]
+    assert "BENCH_XLA_FLAGS" not in os.environ  # restored after the run
+    assert bench_common.extra_xla_flags() == ()
+
+
 def test_worker_env_per_isa():
     native, avx2 = bench_common.worker_env(2), bench_common.worker_env(2, isa="avx2")
     assert cpu_isa.AVX2_XLA_FLAG not in native["XLA_FLAGS"] and "ATEN_CPU_CAPABILITY" not in native

@@ -262,29 +262,44 @@ def test_compiles_once_per_shape(loaded):
     np.testing.assert_allclose(np.asarray(v1), velocity(loaded, x1), rtol=1e-5, atol=1e-5)
 
 
+def _loss_and_grad(model, x):
+    """((mean v^2, v), d/dparams) of ``model`` on inputs ``x``, jitted."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def f(params):
+        def loss(p):
+            v = nnx.merge(graphdef, p)(**x)
+            return jnp.mean(jnp.square(v)), v
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    return f(params)
+
+
+def _assert_same_output_and_grads(model, baseline, x):
+    (_, v0), g0 = _loss_and_grad(baseline, x)
+    (_, v1), g1 = _loss_and_grad(model, x)
+    np.testing.assert_allclose(np.asarray(v1), np.asarray(v0), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
+    chex.assert_tree_all_finite(g0)
+
+
 @pytest.mark.parametrize("policy", REMAT_POLICIES)
 def test_remat_same_output_and_grads(reference, loaded, policy):
     _, _, path, x, _ = reference
     remat = load_diffusers(path, remat=True, remat_policy=policy)
     assert remat.remat and not loaded.remat and remat.remat_policy == policy
+    _assert_same_output_and_grads(remat, loaded, x)
 
-    def loss_and_grad(model):
-        graphdef, params = nnx.split(model)
 
-        @jax.jit
-        def f(params):
-            def loss(p):
-                v = nnx.merge(graphdef, p)(**x)
-                return jnp.mean(jnp.square(v)), v
-            return jax.value_and_grad(loss, has_aux=True)(params)
-
-        return f(params)
-
-    (l0, v0), g0 = loss_and_grad(loaded)
-    (l1, v1), g1 = loss_and_grad(remat)
-    np.testing.assert_allclose(np.asarray(v1), np.asarray(v0), rtol=1e-6, atol=1e-6)
-    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-6)
-    chex.assert_tree_all_finite(g0)
+def test_unrolled_blocks_same_output_and_grads(reference, loaded):
+    # scan_unroll=True (straight-line blocks, a CPU experiment of train_variants.py)
+    # is the same function as the scanned loop.
+    _, _, path, x, _ = reference
+    unrolled = load_diffusers(path)
+    unrolled.scan_unroll = True
+    assert loaded.scan_unroll == 1
+    _assert_same_output_and_grads(unrolled, loaded, x)
 
 
 def test_unknown_remat_policy_is_named():
