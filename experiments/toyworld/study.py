@@ -10,7 +10,8 @@ The default budget is the testbed of ``experiments/results/toyworld_power.md``:
 16 prompts x 16 images per update, SDE noise in one window step (the group
 shares its initial noise, so all its reward differences come from that step)
 which is the step trained, one on-policy update, every dimension equally often,
-lr 2e-4; the first testbed (configs/tiny.py's objective, 8 x 8 images, 5 of 9
+lr 2e-4, 40 steps (45 runs in ~1.5 h on 2 idle cores; 80 steps gained more on
+the verifier, +2.5 vs +1.6 points over 5 seeds, at twice the cost); the first testbed (configs/tiny.py's objective, 8 x 8 images, 5 of 9
 noisy steps trained) barely learned even on the verifier itself (+2.2 +- 1.7
 held-out points in the first study, flat per-dimension training scores).
 
@@ -51,12 +52,13 @@ are measured the same way. Per step (on the training rollouts):
 
 Held-out evaluations (the eval set of ``prefgrpo_jax.evaluate``: ODE sampler,
 fixed noise, ``--eval_per_dim`` prompts per dimension) of the base model and
-of every run at its midpoint and end give the per-dimension verifier table,
+of every run at its end (``--eval_every`` adds earlier ones) give the per-dimension verifier table,
 the pointwise proxy's mean score, the pairwise proxy's preference for the
 run's image over the base model's image of the same prompt and noise, and the
-verifier's (win 1, tie 1/2). At the end ``prefgrpo_jax.evaluate.evaluate``
-scores each run's final checkpoint (the official eval mode; checked equal to
-the in-loop final evaluation).
+verifier's (win 1, tie 1/2). With ``--official_eval=1``,
+``prefgrpo_jax.evaluate.evaluate`` also scores each run's final checkpoint (the
+official eval mode; checked equal to the in-loop final evaluation in the earlier
+studies, so the default skips its ~15 s per run).
 
 Reward hacking shows as a proxy's reward (or its preference for the trained
 images) rising while the verifier score falls or stalls. Outputs:
@@ -158,8 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="noise levels (sigma, verifier-score units) of the noisy-judge arms; the base "
                         "model's within-group verifier std is ~0.2")
     p.add_argument("--seeds", default="0,1,2,3,4", help=">= 5 for the decision rule to apply")
-    p.add_argument("--steps", type=int, default=80,
-                   help="GRPO updates per run (the testbed's measured length; lr 4e-4 collapsed after ~50)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="GRPO updates per run (the verifier arm: +1.6 held-out points at 40, +2.5 at 80, "
+                        "-0.2 at 120; lr 4e-4 collapsed after ~50)")
     # The testbed with power (experiments/results/toyworld_power.md, setting w1_b256_*): 256
     # images per update, noise in one window step, that step trained, one on-policy update.
     p.add_argument("--prompts_per_step", type=int, default=16)
@@ -189,8 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out prompts per dimension (50: all 250; 16 gave a +-1.7-point seed spread)")
     p.add_argument("--eval_steps", type=int, default=20, help="ODE steps of the held-out evaluation")
     p.add_argument("--eval_every", type=int, default=None,
-                   help="held-out evaluation every this many steps (default: steps // 3)")
-    p.add_argument("--official_eval", type=int, default=1,
+                   help="held-out evaluation every this many steps (default: only at the end)")
+    p.add_argument("--official_eval", type=int, default=0,
                    help="1: also run prefgrpo_jax.evaluate.evaluate on each final checkpoint")
     p.add_argument("--smooth", type=int, default=5, help="moving-average window of the plotted curves")
     p.add_argument("--plots", type=int, default=1)
@@ -1147,7 +1150,7 @@ def main(argv=None) -> dict:
     noise = [float(x) for x in args.noise.split(",") if x]
     arms = expand_arms([a for a in args.arms.split(",") if a], noise)
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    eval_every = args.eval_every or max(1, args.steps // 3)
+    eval_every = args.eval_every or args.steps
     eval_at = set(range(eval_every, args.steps + 1, eval_every)) | {args.steps}
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
