@@ -74,6 +74,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -893,11 +894,14 @@ def image_grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: 
     from PIL import Image, ImageDraw
 
     h, w = rows[0][0].shape[:2]
-    ch, cw, gap, left, top = h * scale, w * scale, 4, 330, 28
+    ch, cw, gap, left, top = h * scale, w * scale, 4, 330, 30
     grid = Image.new("RGB", (left + len(col_labels) * (cw + gap), top + len(rows) * (ch + gap)), "white")
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(col_labels):
-        draw.text((left + j * (cw + gap), 4), label[:22], fill=(0, 0, 0))
+        # Two lines of at most ~16 characters: a column is 96 px wide at the default scale, and
+        # longer labels ran into their neighbours ("noisy_pointwise@0.1 (seed 0)").
+        lines = textwrap.wrap(label.replace("@", " @"), 16)[:2]
+        draw.multiline_text((left + j * (cw + gap), 2), "\n".join(lines), fill=(0, 0, 0), spacing=1)
     for i, (row, label) in enumerate(zip(rows, row_labels)):
         y = top + i * (ch + gap)
         draw.text((4, y + ch // 2 - 6), label[:60], fill=(0, 0, 0))
